@@ -1,0 +1,326 @@
+// The one pybind11 file: argument checks, GIL release, numpy views.
+// Every Python-facing error is raised here, before the core runs, so a
+// rejected call never changes the buffer.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "replay_buffer.hpp"
+
+namespace py = pybind11;
+using dqn_fast::AddArgs;
+using dqn_fast::BufferConfig;
+using dqn_fast::ReplayBuffer;
+using dqn_fast::SampleOut;
+
+namespace {
+
+using Shape = std::vector<py::ssize_t>;
+
+std::string shape_str(const Shape& s) {
+    std::ostringstream os;
+    os << "(";
+    for (size_t i = 0; i < s.size(); ++i) os << s[i] << (s.size() == 1 ? "," : (i + 1 < s.size() ? ", " : ""));
+    os << ")";
+    return os.str();
+}
+
+Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim()); }
+
+Shape prepend(py::ssize_t n, const Shape& s) {
+    Shape out{n};
+    out.insert(out.end(), s.begin(), s.end());
+    return out;
+}
+
+std::string dtype_str(const py::dtype& d) { return py::str(d).cast<std::string>(); }
+
+bool same_dtype(const py::dtype& a, const py::dtype& b) {
+    return a.normalized_num() == b.normalized_num() && a.itemsize() == b.itemsize();
+}
+
+uint64_t product(const Shape& s) {
+    uint64_t n = 1;
+    for (auto d : s) n *= uint64_t(d);
+    return n;
+}
+
+class PyReplayBuffer {
+public:
+    PyReplayBuffer(uint64_t capacity, int num_envs, int frame_stack, const Shape& frame_shape, py::dtype obs_dtype,
+                   const Shape& action_shape, py::dtype action_dtype, uint64_t seed, bool stack_last,
+                   double frame_reserve, int sample_threads)
+        : obs_dtype_(obs_dtype), action_dtype_(action_dtype), action_shape_(action_shape) {
+        obs_shape_ = frame_shape;
+        if (frame_stack > 1) {
+            if (stack_last) {
+                obs_shape_.push_back(frame_stack);
+            } else {
+                obs_shape_.insert(obs_shape_.begin(), frame_stack);
+            }
+        }
+        BufferConfig c;
+        c.capacity = capacity;
+        c.num_envs = num_envs;
+        c.frame_stack = frame_stack;
+        c.layout.elem_size = uint64_t(obs_dtype.itemsize());
+        c.layout.frame_bytes = product(frame_shape) * c.layout.elem_size;
+        c.layout.stack_last = stack_last;
+        c.action_bytes = product(action_shape) * uint64_t(action_dtype.itemsize());
+        c.frame_reserve = frame_reserve;
+        c.seed = seed;
+        c.sample_threads = sample_threads;
+        if (c.action_bytes == 0) throw py::value_error("action_shape must hold at least one element");
+        core_ = std::make_unique<ReplayBuffer>(c);
+    }
+
+    void add(py::handle obs, py::handle action, py::handle reward, py::handle next_obs, py::handle terminated,
+             py::handle truncated) {
+        const int ne = core_->num_envs();
+        py::array obs_a = observation(obs, "obs");
+        py::array next_a = observation(next_obs, "next_obs");
+
+        // One env and a Python scalar is the common single-env call: skip numpy.
+        int64_t action_int;
+        float reward_f;
+        uint8_t term_b, trunc_b;
+        py::array action_a, reward_a, term_a, trunc_a;
+        const void* action_p = nullptr;
+        if (ne == 1 && action_shape_.empty() && action_dtype_.kind() == 'i' && action_dtype_.itemsize() == 8 &&
+            PyLong_CheckExact(action.ptr())) {
+            action_int = action.cast<int64_t>();
+            action_p = &action_int;
+        } else {
+            action_a = per_env(action, action_dtype_, action_shape_, "action", "action_dtype");
+            action_p = action_a.data();
+        }
+        const float* reward_p = scalar_float(reward, reward_f) ? &reward_f : nullptr;
+        if (!reward_p) {
+            reward_a = per_env(reward, py::dtype::of<float>(), {}, "reward", "float32");
+            reward_p = static_cast<const float*>(reward_a.data());
+        }
+        const uint8_t* term_p = flag(terminated, term_b, term_a, "terminated");
+        const uint8_t* trunc_p = flag(truncated, trunc_b, trunc_a, "truncated");
+
+        AddArgs args{static_cast<const uint8_t*>(obs_a.data()), static_cast<const uint8_t*>(next_a.data()),
+                     static_cast<const uint8_t*>(action_p), reward_p, term_p, trunc_p};
+        py::gil_scoped_release release;
+        core_->add(args);
+    }
+
+    void sample_into(py::handle obs, py::handle next_obs, py::handle frames, py::handle action, py::handle reward,
+                     py::handle terminated, py::handle truncated, py::handle ids) {
+        py::array ids_a = output(ids, py::dtype::of<int64_t>(), {}, "ids", -1);
+        const py::ssize_t b = ids_a.shape(0);
+        if (b < 1) throw py::value_error("batch_size must be at least 1, got " + std::to_string(b));
+        SampleOut out;
+        std::vector<py::array> keep;
+        const bool window = !frames.is_none();
+        if (window) {
+            const int k = core_->config().frame_stack;
+            Shape wshape = frame_shape();
+            if (core_->config().layout.stack_last) {
+                wshape.push_back(k + 1);
+            } else {
+                wshape.insert(wshape.begin(), k + 1);
+            }
+            keep.push_back(output(frames, obs_dtype_, wshape, "frames", b));
+            out.frames = static_cast<uint8_t*>(keep.back().mutable_data());
+        } else {
+            keep.push_back(output(obs, obs_dtype_, obs_shape_, "obs", b));
+            out.obs = static_cast<uint8_t*>(keep.back().mutable_data());
+            keep.push_back(output(next_obs, obs_dtype_, obs_shape_, "next_obs", b));
+            out.next_obs = static_cast<uint8_t*>(keep.back().mutable_data());
+        }
+        keep.push_back(output(action, action_dtype_, action_shape_, "action", b));
+        out.action = static_cast<uint8_t*>(keep.back().mutable_data());
+        keep.push_back(output(reward, py::dtype::of<float>(), {}, "reward", b));
+        out.reward = static_cast<float*>(keep.back().mutable_data());
+        keep.push_back(output(terminated, py::dtype::of<bool>(), {}, "terminated", b));
+        out.terminated = static_cast<uint8_t*>(keep.back().mutable_data());
+        keep.push_back(output(truncated, py::dtype::of<bool>(), {}, "truncated", b));
+        out.truncated = static_cast<uint8_t*>(keep.back().mutable_data());
+        keep.push_back(ids_a);
+        out.ids = static_cast<int64_t*>(ids_a.mutable_data());
+        check_disjoint(keep);
+        py::gil_scoped_release release;
+        core_->sample(b, out);
+    }
+
+    Shape frame_shape() const {
+        Shape s = obs_shape_;
+        if (core_->config().frame_stack > 1) {
+            if (core_->config().layout.stack_last) {
+                s.pop_back();
+            } else {
+                s.erase(s.begin());
+            }
+        }
+        return s;
+    }
+
+    ReplayBuffer& core() { return *core_; }
+    const Shape& obs_shape() const { return obs_shape_; }
+    const Shape& action_shape() const { return action_shape_; }
+    py::dtype obs_dtype() const { return obs_dtype_; }
+    py::dtype action_dtype() const { return action_dtype_; }
+
+private:
+    // A C-contiguous view (or copy) of a batch of observations, shape checked.
+    py::array observation(py::handle h, const char* name) const {
+        py::array a = py::array::ensure(h);
+        if (!a) throw py::type_error(std::string(name) + " must be an array of " + dtype_str(obs_dtype_));
+        if (!same_dtype(a.dtype(), obs_dtype_)) {
+            throw py::type_error(std::string(name) + " must have dtype " + dtype_str(obs_dtype_) + " (obs_dtype), got " +
+                                 dtype_str(a.dtype()));
+        }
+        check_batched_shape(a, obs_shape_, name);
+        return (a.flags() & py::array::c_style) ? a : py::array::ensure(a, py::array::c_style);
+    }
+
+    // num_envs items of `item_shape`, converted to `dtype` when numpy calls
+    // that a same-kind cast (int32 -> int64, float64 -> float32).
+    py::array per_env(py::handle h, const py::dtype& dtype, const Shape& item_shape, const char* name,
+                      const char* dtype_name) const {
+        py::array a = py::array::ensure(h);
+        if (!a) throw py::type_error(std::string(name) + " must be array-like, got " + type_name(h));
+        if (!same_dtype(a.dtype(), dtype)) {
+            auto np = py::module_::import("numpy");
+            if (!np.attr("can_cast")(a.dtype(), dtype, "same_kind").cast<bool>()) {
+                throw py::type_error(std::string(name) + " must have a dtype castable to " + dtype_str(dtype) + " (" +
+                                     dtype_name + "), got " + dtype_str(a.dtype()));
+            }
+            a = py::array(np.attr("asarray")(a, dtype));
+        }
+        check_batched_shape(a, item_shape, name);
+        return (a.flags() & py::array::c_style) ? a : py::array::ensure(a, py::array::c_style);
+    }
+
+    static bool scalar_float(py::handle h, float& value) {
+        if (!PyFloat_CheckExact(h.ptr()) && !PyLong_CheckExact(h.ptr())) return false;
+        value = float(PyFloat_AsDouble(h.ptr()));
+        if (PyErr_Occurred()) throw py::error_already_set();
+        return true;
+    }
+
+    // Episode-end flags: bools (or 0/1 integers), one per env.
+    const uint8_t* flag(py::handle h, uint8_t& value, py::array& keep, const char* name) const {
+        if (h.ptr() == Py_True || h.ptr() == Py_False) {
+            value = h.ptr() == Py_True;
+            return &value;
+        }
+        py::array a = py::array::ensure(h);
+        if (!a) throw py::type_error(std::string(name) + " must be bool array-like, got " + type_name(h));
+        const char kind = a.dtype().kind();
+        if (kind != 'b' && kind != 'i' && kind != 'u') {
+            throw py::type_error(std::string(name) + " must have dtype bool, got " + dtype_str(a.dtype()));
+        }
+        check_batched_shape(a, {}, name);
+        if (kind != 'b') {
+            auto np = py::module_::import("numpy");
+            if (!np.attr("all")(np.attr("isin")(a, py::make_tuple(0, 1))).cast<bool>())
+                throw py::value_error(std::string(name) + " must hold only 0/1 or True/False values");
+            a = py::array(np.attr("asarray")(a, "bool"));
+        }
+        keep = (a.flags() & py::array::c_style) ? a : py::array::ensure(a, py::array::c_style);
+        return static_cast<const uint8_t*>(keep.data());
+    }
+
+    void check_batched_shape(const py::array& a, const Shape& item, const char* name) const {
+        const int ne = core_->num_envs();
+        const Shape got = shape_of(a);
+        if (got == prepend(ne, item) || (ne == 1 && got == item)) return;
+        std::string expected = shape_str(prepend(ne, item));
+        if (ne == 1) expected += " or " + shape_str(item);
+        throw py::value_error(std::string(name) + " must have shape " + expected + " for num_envs=" +
+                              std::to_string(ne) + ", got " + shape_str(got));
+    }
+
+    // A caller-owned output: an ndarray of exactly this dtype and (b, *item)
+    // shape (b < 0: any batch), C-contiguous and writable.
+    py::array output(py::handle h, const py::dtype& dtype, const Shape& item, const char* name, py::ssize_t b) const {
+        if (!py::isinstance<py::array>(h)) {
+            throw py::type_error(std::string("out.") + name + " must be a numpy array or CPU torch tensor, got " +
+                                 type_name(h));
+        }
+        auto a = py::reinterpret_borrow<py::array>(h);
+        if (!same_dtype(a.dtype(), dtype)) {
+            throw py::type_error(std::string("out.") + name + " must have dtype " + dtype_str(dtype) + ", got " +
+                                 dtype_str(a.dtype()));
+        }
+        const Shape got = shape_of(a);
+        const bool ok = b < 0 ? (got.size() == item.size() + 1 && Shape(got.begin() + 1, got.end()) == item)
+                              : got == prepend(b, item);
+        if (!ok) {
+            throw py::value_error(std::string("out.") + name + " must have shape " +
+                                  (b < 0 ? "(batch_size, " : "(" + std::to_string(b) + ", ") +
+                                  shape_str(item).substr(1) + ", got " + shape_str(got));
+        }
+        if (!(a.flags() & py::array::c_style))
+            throw py::value_error(std::string("out.") + name + " must be C-contiguous");
+        if (!a.writeable()) throw py::value_error(std::string("out.") + name + " must be writable, it is read-only");
+        return a;
+    }
+
+    static void check_disjoint(const std::vector<py::array>& arrays) {
+        for (size_t i = 0; i < arrays.size(); ++i) {
+            auto lo_i = reinterpret_cast<uintptr_t>(arrays[i].data()), hi_i = lo_i + arrays[i].nbytes();
+            for (size_t j = i + 1; j < arrays.size(); ++j) {
+                auto lo_j = reinterpret_cast<uintptr_t>(arrays[j].data()), hi_j = lo_j + arrays[j].nbytes();
+                if (lo_i < hi_j && lo_j < hi_i) throw py::value_error("out fields must not share memory");
+            }
+        }
+    }
+
+    static std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr("__name__")); }
+
+    py::dtype obs_dtype_, action_dtype_;
+    Shape obs_shape_, action_shape_;
+    std::unique_ptr<ReplayBuffer> core_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "Native replay core of dqn_fast (see dqn_fast.ReplayBuffer for the Python API).";
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const dqn_fast::AllocationError& e) {
+            PyErr_SetString(PyExc_MemoryError, e.what());
+        }
+    });
+
+    py::class_<PyReplayBuffer>(m, "ReplayBufferCore")
+        .def(py::init<uint64_t, int, int, const Shape&, py::dtype, const Shape&, py::dtype, uint64_t, bool, double, int>(),
+             py::arg("capacity"), py::arg("num_envs"), py::arg("frame_stack"), py::arg("frame_shape"),
+             py::arg("obs_dtype"), py::arg("action_shape"), py::arg("action_dtype"), py::arg("seed"),
+             py::arg("stack_last"), py::arg("frame_reserve"), py::arg("sample_threads"))
+        .def("add", &PyReplayBuffer::add, py::arg("obs"), py::arg("action"), py::arg("reward"), py::arg("next_obs"),
+             py::arg("terminated"), py::arg("truncated"),
+             "Add one transition per env. Arrays carry a leading num_envs axis (optional when num_envs == 1).")
+        .def("_sample_into", &PyReplayBuffer::sample_into, py::arg("obs"), py::arg("next_obs"), py::arg("frames"),
+             py::arg("action"), py::arg("reward"), py::arg("terminated"), py::arg("truncated"), py::arg("ids"))
+        .def("__len__", [](PyReplayBuffer& b) { return b.core().size(); })
+        .def_property_readonly("capacity", [](PyReplayBuffer& b) { return b.core().capacity(); })
+        .def_property_readonly("num_envs", [](PyReplayBuffer& b) { return b.core().num_envs(); })
+        .def_property_readonly("frame_stack", [](PyReplayBuffer& b) { return b.core().config().frame_stack; })
+        .def_property_readonly("nbytes", [](PyReplayBuffer& b) { return b.core().nbytes(); },
+                               "Bytes allocated for frames and transition metadata.")
+        .def_property_readonly("frame_capacity", [](PyReplayBuffer& b) { return b.core().frame_capacity(); },
+                               "Frame slots: capacity plus the reserve for episode starts.")
+        .def_property_readonly("total_adds", [](PyReplayBuffer& b) { return b.core().total_adds(); },
+                               "Transitions ever added; the next insertion id.")
+        .def_property_readonly("frames_written", [](PyReplayBuffer& b) { return b.core().frames_written(); },
+                               "Frames ever stored (one per step, plus episode starts).")
+        .def_property_readonly("obs_shape", [](PyReplayBuffer& b) { return py::tuple(py::cast(b.obs_shape())); })
+        .def_property_readonly("frame_shape", [](PyReplayBuffer& b) { return py::tuple(py::cast(b.frame_shape())); })
+        .def_property_readonly("action_shape", [](PyReplayBuffer& b) { return py::tuple(py::cast(b.action_shape())); })
+        .def_property_readonly("obs_dtype", &PyReplayBuffer::obs_dtype)
+        .def_property_readonly("action_dtype", &PyReplayBuffer::action_dtype)
+        .def_property_readonly("stack_last", [](PyReplayBuffer& b) { return b.core().config().layout.stack_last; });
+}

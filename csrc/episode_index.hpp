@@ -1,0 +1,112 @@
+// Which transitions are stored, and which frames each one is made of.
+//
+// Invariants
+//  * Transitions get consecutive ids in insertion order. The stored ones are
+//    exactly the ids in [tail, head); id lives in slot `id % capacity`.
+//    Eviction only ever advances `tail`, so the buffer always holds the most
+//    recent `size()` transitions, whatever happened.
+//  * Every add appends one transition per environment, env 0 first, so
+//    transition `id` belongs to env `id % num_envs`.
+//  * A transition is k frame seqs for obs and k for next_obs (oldest first).
+//    `oldest[slot]` is the smallest of them. Within one env, `oldest` never
+//    decreases with id: a continuing transition reuses the previous next_obs
+//    frames, a new segment only uses frames written now.
+//  * Every frame a stored transition names is live in the frame store:
+//    before frames are overwritten, `evict_frames_before` drops (from the
+//    tail) every transition that names them.
+//  * An env's stream is the stored copy of its latest next_obs. An add may
+//    reuse it for its obs only if it is open (no terminal/truncation since)
+//    and the caller's obs equals it frame by frame; the buffer checks both.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "frame_store.hpp"
+
+namespace dqn_fast {
+
+struct EnvStream {
+    bool open = false;          // latest transition did not end the episode
+    std::vector<int64_t> seqs;  // frame seqs of the latest next_obs, oldest first
+};
+
+class EpisodeIndex {
+public:
+    EpisodeIndex() = default;
+    EpisodeIndex(uint64_t capacity, int num_envs, int frame_stack, uint64_t frame_capacity)
+        : capacity_(capacity),
+          frame_capacity_(frame_capacity),
+          num_envs_(num_envs),
+          k_(frame_stack),
+          slots_(capacity * 2 * uint64_t(frame_stack)),
+          oldest_(capacity),
+          streams_(num_envs) {
+        for (auto& s : streams_) s.seqs.assign(k_, 0);
+    }
+
+    uint64_t capacity() const { return capacity_; }
+    int num_envs() const { return num_envs_; }
+    int frame_stack() const { return k_; }
+    int64_t head() const { return head_; }
+    int64_t tail() const { return tail_; }
+    uint64_t size() const { return uint64_t(head_ - tail_); }
+    uint64_t nbytes() const { return slots_.nbytes() + oldest_.nbytes(); }
+
+    uint64_t slot_of(int64_t id) const { return uint64_t(id) % capacity_; }
+    // 2k frame-store slots of the transition in `slot`: obs frames, then next_obs frames.
+    const uint32_t* frames_of(uint64_t slot) const { return slots_.data() + slot * 2 * k_; }
+
+    EnvStream& stream(int env) { return streams_[env]; }
+
+    // Drops the oldest transitions so that `n` more fit in the ring.
+    void evict_for(uint64_t n) { tail_ = std::max(tail_, head_ + int64_t(n) - int64_t(capacity_)); }
+
+    // Drops, oldest first, every transition that names a frame older than
+    // `limit`. Per env the offenders are a prefix (oldest is monotone), so each
+    // env is scanned only over the transitions that go.
+    void evict_frames_before(int64_t limit) {
+        int64_t new_tail = tail_;
+        for (int e = 0; e < num_envs_; ++e) {
+            int64_t id = first_id_of_env(e);
+            const int64_t first = id;
+            while (id < head_ && oldest_[slot_of(id)] < limit) id += num_envs_;
+            if (id != first) new_tail = std::max(new_tail, id - num_envs_ + 1);
+        }
+        tail_ = std::min(new_tail, head_);
+    }
+
+    // Appends the next transition (it belongs to env head % num_envs). `frames`
+    // holds its 2k frame seqs (obs, then next_obs); returns the slot written.
+    uint64_t append(const int64_t* frames) {
+        const uint64_t slot = slot_of(head_);
+        uint32_t* dst = slots_.data() + slot * 2 * k_;
+        int64_t lo = frames[0];
+        for (int j = 0; j < 2 * k_; ++j) {
+            dst[j] = uint32_t(uint64_t(frames[j]) % frame_capacity_);
+            lo = std::min(lo, frames[j]);
+        }
+        oldest_[slot] = lo;
+        ++head_;
+        return slot;
+    }
+
+private:
+    int64_t first_id_of_env(int e) const {
+        const int64_t r = ((int64_t(e) - tail_ % num_envs_) + num_envs_) % num_envs_;
+        return tail_ + r;
+    }
+
+    uint64_t capacity_ = 0;
+    uint64_t frame_capacity_ = 1;
+    int num_envs_ = 1;
+    int k_ = 1;
+    Column<uint32_t> slots_;  // 2k per transition
+    Column<int64_t> oldest_;
+    std::vector<EnvStream> streams_;
+    int64_t head_ = 0;
+    int64_t tail_ = 0;
+};
+
+}  // namespace dqn_fast

@@ -1,0 +1,270 @@
+#include "replay_buffer.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace dqn_fast {
+
+namespace {
+
+// Gathers below this many bytes run on the calling thread alone: waking a
+// worker costs more than it saves.
+constexpr uint64_t kParallelGatherBytes = 256 * 1024;
+
+void require(bool ok, const std::string& message) {
+    if (!ok) throw std::invalid_argument(message);
+}
+
+}  // namespace
+
+uint64_t ReplayBuffer::frame_capacity_for(const BufferConfig& c) {
+    // A proportional reserve for the extra frames of episode starts, plus
+    // room for the largest single add (every env starting a segment whose
+    // next_obs is not a shift: 2k frames each) on top of the k frames each
+    // open stream still needs, so that continuing streams always survive.
+    const uint64_t k = uint64_t(c.frame_stack);
+    const auto proportional = uint64_t(std::ceil(c.frame_reserve * double(c.capacity)));
+    return c.capacity + proportional + 2 * k * (k + 1) * uint64_t(c.num_envs);
+}
+
+ReplayBuffer::ReplayBuffer(const BufferConfig& config) : config_(config), k_(config.frame_stack) {
+    const auto& c = config_;
+    if (k_ == 1) config_.layout.stack_last = false;  // one frame: nothing to interleave
+    require(c.capacity >= 1, "capacity must be at least 1, got " + std::to_string(c.capacity));
+    require(c.num_envs >= 1, "num_envs must be at least 1, got " + std::to_string(c.num_envs));
+    require(c.frame_stack >= 1 && c.frame_stack <= 64,
+            "frame_stack must be between 1 and 64, got " + std::to_string(c.frame_stack));
+    require(c.layout.frame_bytes >= 1 && c.layout.elem_size >= 1 &&
+                c.layout.frame_bytes % c.layout.elem_size == 0,
+            "a frame must hold at least one element");
+    require(c.capacity >= uint64_t(c.num_envs),
+            "capacity=" + std::to_string(c.capacity) + " is smaller than one add needs: num_envs=" +
+                std::to_string(c.num_envs) + " transitions");
+    require(std::isfinite(c.frame_reserve) && c.frame_reserve >= 0.0 && c.frame_reserve <= 64.0,
+            "frame_reserve must be a fraction between 0 and 64, got " + std::to_string(c.frame_reserve));
+    const uint64_t frames = frame_capacity_for(c);
+    if (frames >= (uint64_t(1) << 32)) {
+        throw AllocationError("capacity=" + std::to_string(c.capacity) +
+                              " needs more than 2^32 frame slots, which this buffer does not support");
+    }
+    obs_bytes_ = uint64_t(k_) * c.layout.frame_bytes;
+
+    // Check the whole footprint before touching anything, so the error says
+    // what was asked for instead of failing halfway or at first touch.
+    const long double total = (long double)frames * c.layout.frame_bytes +
+                              (long double)c.capacity * (2.0L * k_ * 4 + 8 + c.action_bytes + 4 + 1);
+    if (total > 1.8e19L) throw AllocationError("the requested buffer size overflows 64-bit bytes");
+    check_can_allocate(uint64_t(total), "the replay buffer");
+
+    store_ = FrameStore(frames, c.layout.frame_bytes);
+    index_ = EpisodeIndex(c.capacity, c.num_envs, k_, frames);
+    actions_ = Column<uint8_t>(c.capacity * c.action_bytes);
+    rewards_ = Column<float>(c.capacity);
+    flags_ = Column<uint8_t>(c.capacity);
+    rng_.reseed(c.seed);
+    plan_.resize(c.num_envs);
+    if (c.layout.stack_last && k_ > 1) scratch_.resize(2 * c.layout.frame_bytes);
+}
+
+uint64_t ReplayBuffer::size() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return index_.size();
+}
+
+int64_t ReplayBuffer::total_adds() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return index_.head();
+}
+
+int64_t ReplayBuffer::frames_written() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return store_.next_seq();
+}
+
+uint64_t ReplayBuffer::nbytes() const {
+    return store_.nbytes() + index_.nbytes() + actions_.nbytes() + rewards_.nbytes() + flags_.nbytes() +
+           scratch_.size();
+}
+
+// Frame j of a caller observation as a contiguous pointer (copied into
+// `scratch` for channel-last stacks).
+const uint8_t* ReplayBuffer::frame_of(const uint8_t* obs, int j, uint8_t* scratch) const {
+    if (const uint8_t* p = config_.layout.contiguous(obs, j, k_)) return p;
+    config_.layout.read(obs, j, k_, scratch);
+    return scratch;
+}
+
+uint64_t ReplayBuffer::runs_of(const uint8_t* obs, int& new_frames) {
+    const uint64_t fb = config_.layout.frame_bytes;
+    uint64_t runs = 0;
+    new_frames = 1;
+    for (int j = 1; j < k_; ++j) {
+        const uint8_t* prev = frame_of(obs, j - 1, scratch_.data());
+        const uint8_t* cur = frame_of(obs, j, scratch_.data() + (scratch_.empty() ? 0 : fb));
+        if (std::memcmp(prev, cur, fb) == 0) {
+            runs |= uint64_t(1) << j;
+        } else {
+            ++new_frames;
+        }
+    }
+    return runs;
+}
+
+bool ReplayBuffer::equals_stream(const uint8_t* obs, const EnvStream& stream) {
+    if (!stream.open || stream.seqs[0] < store_.oldest_live_seq()) return false;
+    const uint64_t fb = config_.layout.frame_bytes;
+    for (int j = k_ - 1; j >= 0; --j) {  // newest first: that is where streams differ
+        if (std::memcmp(frame_of(obs, j, scratch_.data()), store_.frame(stream.seqs[j]), fb) != 0)
+            return false;
+    }
+    return true;
+}
+
+bool ReplayBuffer::is_shift(const uint8_t* obs, const uint8_t* next_obs) {
+    const uint64_t fb = config_.layout.frame_bytes;
+    if (!config_.layout.stack_last || k_ == 1) {
+        return k_ == 1 || std::memcmp(obs + fb, next_obs, (k_ - 1) * fb) == 0;
+    }
+    for (int j = 0; j + 1 < k_; ++j) {
+        const uint8_t* a = frame_of(obs, j + 1, scratch_.data());
+        const uint8_t* b = frame_of(next_obs, j, scratch_.data() + fb);
+        if (std::memcmp(a, b, fb) != 0) return false;
+    }
+    return true;
+}
+
+void ReplayBuffer::push_frames(const uint8_t* obs, uint64_t runs, int64_t* seqs) {
+    for (int j = 0; j < k_; ++j) {
+        seqs[j] = (runs >> j & 1) ? seqs[j - 1] : store_.push(frame_of(obs, j, scratch_.data()));
+    }
+}
+
+void ReplayBuffer::add(const AddArgs& a) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const int ne = config_.num_envs;
+    const int64_t frame_cap = int64_t(store_.capacity());
+
+    // 1. Plan: which envs continue their stream, and how many frames get written.
+    int64_t n_new = 0;
+    for (int e = 0; e < ne; ++e) {
+        const uint8_t* obs = a.obs + e * obs_bytes_;
+        const uint8_t* next = a.next_obs + e * obs_bytes_;
+        EnvPlan& p = plan_[e];
+        int frames = 0;
+        p.continues = equals_stream(obs, index_.stream(e));
+        p.obs_runs = p.continues ? 0 : runs_of(obs, frames);
+        n_new += frames;
+        p.shift = is_shift(obs, next);
+        p.next_runs = p.shift ? 0 : runs_of(next, frames);
+        n_new += p.shift ? 1 : frames;
+    }
+    // A continuing stream must not be overwritten by this very add; if it
+    // would be (only possible with a tiny reserve), store its frames anew.
+    for (bool changed = true; changed;) {
+        changed = false;
+        for (int e = 0; e < ne; ++e) {
+            if (plan_[e].continues && index_.stream(e).seqs[0] < store_.next_seq() + n_new - frame_cap) {
+                int frames = 0;
+                plan_[e].continues = false;
+                plan_[e].obs_runs = runs_of(a.obs + e * obs_bytes_, frames);
+                n_new += frames;
+                changed = true;
+            }
+        }
+    }
+
+    // 2. Evict: room for ne transitions, and no stored transition may name a
+    // frame this add overwrites.
+    index_.evict_for(uint64_t(ne));
+    index_.evict_frames_before(store_.next_seq() + n_new - frame_cap);
+
+    // 3. Write frames, then the transitions that name them.
+    const int two_k = 2 * k_;
+    int64_t seqs[128];  // 2k <= 128
+    for (int e = 0; e < ne; ++e) {
+        const EnvPlan& p = plan_[e];
+        EnvStream& stream = index_.stream(e);
+        const uint8_t* obs = a.obs + e * obs_bytes_;
+        const uint8_t* next = a.next_obs + e * obs_bytes_;
+        if (p.continues) {
+            std::copy(stream.seqs.begin(), stream.seqs.end(), seqs);
+        } else {
+            push_frames(obs, p.obs_runs, seqs);
+        }
+        if (p.shift) {
+            std::copy(seqs + 1, seqs + k_, seqs + k_);
+            seqs[two_k - 1] = store_.push(frame_of(next, k_ - 1, scratch_.data()));
+        } else {
+            push_frames(next, p.next_runs, seqs + k_);
+        }
+        const uint64_t slot = index_.append(seqs);
+        const uint64_t ab = config_.action_bytes;
+        std::memcpy(actions_.data() + slot * ab, a.action + e * ab, ab);
+        rewards_[slot] = a.reward[e];
+        const bool term = a.terminated[e] != 0, trunc = a.truncated[e] != 0;
+        flags_[slot] = uint8_t((term ? kTerminated : 0) | (trunc ? kTruncated : 0) | (p.shift ? kShift : 0));
+        std::copy(seqs + k_, seqs + two_k, stream.seqs.begin());
+        stream.open = !(term || trunc);
+    }
+}
+
+void ReplayBuffer::sample(int64_t batch_size, const SampleOut& out) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (batch_size < 1) throw std::invalid_argument("batch_size must be at least 1, got " + std::to_string(batch_size));
+    const uint64_t n = index_.size();
+    if (n == 0) throw std::invalid_argument("cannot sample from an empty replay buffer: add transitions first");
+
+    const Rng saved = rng_;
+    for (int64_t i = 0; i < batch_size; ++i) out.ids[i] = index_.tail() + int64_t(rng_.below(n));
+    if (out.frames && k_ > 1) {
+        for (int64_t i = 0; i < batch_size; ++i) {
+            if (!(flags_[index_.slot_of(out.ids[i])] & kShift)) {
+                rng_ = saved;  // a rejected call leaves the buffer as it was
+                throw std::invalid_argument(
+                    "window output cannot hold transition id " + std::to_string(out.ids[i]) +
+                    ": its next_obs is not its obs shifted by one frame; sample with window=False");
+            }
+        }
+    }
+
+    const uint64_t frames_per_item = out.frames ? uint64_t(k_) + 1 : 2 * uint64_t(k_);
+    const uint64_t bytes = uint64_t(batch_size) * frames_per_item * config_.layout.frame_bytes;
+    if (bytes < kParallelGatherBytes) {
+        gather(0, batch_size, out);
+        return;
+    }
+    if (!pool_) {
+        int threads = config_.sample_threads;
+        if (threads <= 0) threads = std::min(4, std::max(1, int(std::thread::hardware_concurrency())));
+        pool_ = std::make_unique<WorkerPool>(threads - 1);
+    }
+    pool_->parallel_for(batch_size, [&](int64_t begin, int64_t end) { gather(begin, end, out); });
+}
+
+void ReplayBuffer::gather(int64_t begin, int64_t end, const SampleOut& out) const {
+    const FrameLayout& layout = config_.layout;
+    const uint64_t fb = layout.frame_bytes, ab = config_.action_bytes;
+    const int k = k_;
+    for (int64_t i = begin; i < end; ++i) {
+        const uint64_t slot = index_.slot_of(out.ids[i]);
+        const uint32_t* f = index_.frames_of(slot);
+        if (out.frames) {
+            uint8_t* dst = out.frames + uint64_t(i) * (k + 1) * fb;
+            for (int j = 0; j < k; ++j) layout.write(dst, j, k + 1, store_.slot(f[j]));
+            layout.write(dst, k, k + 1, store_.slot(f[2 * k - 1]));
+        } else {
+            uint8_t* obs = out.obs + uint64_t(i) * k * fb;
+            uint8_t* next = out.next_obs + uint64_t(i) * k * fb;
+            for (int j = 0; j < k; ++j) layout.write(obs, j, k, store_.slot(f[j]));
+            for (int j = 0; j < k; ++j) layout.write(next, j, k, store_.slot(f[k + j]));
+        }
+        std::memcpy(out.action + uint64_t(i) * ab, actions_.data() + slot * ab, ab);
+        out.reward[i] = rewards_[slot];
+        out.terminated[i] = flags_[slot] & kTerminated ? 1 : 0;
+        out.truncated[i] = flags_[slot] & kTruncated ? 1 : 0;
+    }
+}
+
+}  // namespace dqn_fast

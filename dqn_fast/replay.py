@@ -1,0 +1,269 @@
+"""Python face of the native replay buffer (``dqn_fast._core``).
+
+What the buffer promises (checked against ``tests/reference.py``):
+
+* Every sampled transition is bit-exactly what was added for its insertion
+  id: obs, action, reward, next_obs, terminated, truncated. That includes the
+  first k-1 steps of an episode (their padding is whatever the caller's obs
+  held) and the last step of a terminated or truncated episode (its real
+  final next_obs, not the next episode's reset obs).
+* Each environment frame is stored once. Stacks are rebuilt at sample time.
+* The buffer never trusts the caller's bookkeeping: an add whose obs does not
+  equal the env's stored stream starts a new segment. Surprising streams cost
+  memory, never correctness.
+* The stored transitions are always the most recent ``len(buf)`` adds.
+  ``len(buf) == min(adds, capacity)`` unless very short episodes exhaust the
+  frame reserve (``frame_reserve``); then the oldest go early.
+* Sampling is uniform with replacement, from a seeded per-buffer PRNG in C++.
+* ``add`` and ``sample_into`` release the GIL; they may run on different
+  threads at once.
+"""
+
+from __future__ import annotations
+
+import numbers
+import secrets
+from typing import Any, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["Batch", "ReplayBuffer"]
+
+# Default share of extra frame slots for episode starts. An episode start
+# stores one extra frame with reset padding, two with zero padding; 4.4%
+# covers episodes of 50+ steps and keeps nbytes under 7,056 x 1.05 + 16 bytes
+# per Atari transition.
+DEFAULT_FRAME_RESERVE = 0.044
+
+
+class Batch(NamedTuple):
+    """One sampled batch. Fields are numpy arrays or CPU torch tensors.
+
+    In window mode ``frames`` holds k+1 frames per transition and ``obs`` /
+    ``next_obs`` are views of it (frames[:, :k] and frames[:, 1:]).
+    """
+
+    obs: Any
+    action: Any
+    reward: Any
+    next_obs: Any
+    terminated: Any
+    truncated: Any
+    ids: Any
+    frames: Any = None
+
+
+def _shape(value, name: str) -> Tuple[int, ...]:
+    if isinstance(value, numbers.Integral):
+        value = (value,)
+    try:
+        shape = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a tuple of ints, got {type(value).__name__}") from None
+    if not all(isinstance(d, numbers.Integral) and d >= 1 for d in shape):
+        raise ValueError(f"{name} must be a tuple of positive ints, got {shape}")
+    return tuple(int(d) for d in shape)
+
+
+def _dtype(value, name: str) -> np.dtype:
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a numpy dtype, got {value!r}") from None
+    if dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a bool, integer or float dtype, got {dtype}")
+    return dtype
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return int(value)
+
+
+def _writable_array(x, name: str):
+    """numpy view of an output field (torch CPU tensors share their memory)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "numpy") and hasattr(x, "device"):
+        if x.device.type != "cpu":
+            raise TypeError(f"out.{name} must live in CPU memory, got a tensor on {x.device}")
+        return x.detach().numpy()
+    raise TypeError(f"out.{name} must be a numpy array or CPU torch tensor, got {type(x).__name__}")
+
+
+class ReplayBuffer(_core.ReplayBufferCore):
+    """Circular experience replay that stores each environment frame once.
+
+    Args:
+        capacity: transitions kept (the oldest are overwritten).
+        obs_shape: one observation as the env returns it, e.g. ``(4, 84, 84)``
+            with ``frame_stack=4`` (Atari) or ``(4,)`` with ``frame_stack=1``.
+        obs_dtype: observation dtype (uint8 for frames, float32 for vectors).
+        frame_stack: k, the number of frames stacked in one observation.
+        num_envs: environments adding in lockstep; each is its own stream.
+        action_shape, action_dtype: one action.
+        seed: PRNG seed for sampling (random when None).
+        stack_axis: 0 for frame-first stacks ``(k, H, W)``, -1 for channel-last
+            stacks ``(H, W, k)``.
+        frame_reserve: extra frame slots for episode starts, as a fraction of
+            capacity.
+        sample_threads: threads for large gathers (0: one per core, up to 4).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        obs_shape,
+        obs_dtype=np.uint8,
+        frame_stack: int = 1,
+        num_envs: int = 1,
+        action_shape=(),
+        action_dtype=np.int64,
+        seed: Optional[int] = None,
+        *,
+        stack_axis: int = 0,
+        frame_reserve: float = DEFAULT_FRAME_RESERVE,
+        sample_threads: int = 0,
+    ):
+        capacity = _positive_int(capacity, "capacity")
+        frame_stack = _positive_int(frame_stack, "frame_stack")
+        num_envs = _positive_int(num_envs, "num_envs")
+        obs_shape = _shape(obs_shape, "obs_shape")
+        action_shape = _shape(action_shape, "action_shape") if action_shape != () else ()
+        if stack_axis not in (0, -1):
+            raise ValueError(f"stack_axis must be 0 (frames first) or -1 (channel-last), got {stack_axis!r}")
+        stack_last = stack_axis == -1 and frame_stack > 1
+        frame_shape = obs_shape
+        if frame_stack > 1:
+            axis = -1 if stack_last else 0
+            if obs_shape[axis] != frame_stack:
+                raise ValueError(
+                    f"obs_shape {obs_shape} must have frame_stack={frame_stack} frames on axis {stack_axis}"
+                )
+            frame_shape = obs_shape[:-1] if stack_last else obs_shape[1:]
+            if not frame_shape:
+                raise ValueError(f"obs_shape {obs_shape} has no room for a frame besides the stack axis")
+        if seed is None:
+            seed = secrets.randbits(64)
+        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
+        if not isinstance(frame_reserve, numbers.Real):
+            raise TypeError(f"frame_reserve must be a float, got {type(frame_reserve).__name__}")
+        if not isinstance(sample_threads, numbers.Integral) or sample_threads < 0:
+            raise ValueError(f"sample_threads must be an int >= 0, got {sample_threads!r}")
+        super().__init__(
+            capacity,
+            num_envs,
+            frame_stack,
+            list(frame_shape),
+            _dtype(obs_dtype, "obs_dtype"),
+            list(action_shape),
+            _dtype(action_dtype, "action_dtype"),
+            int(seed),
+            stack_last,
+            float(frame_reserve),
+            int(sample_threads),
+        )
+        self.seed = int(seed)
+
+    def __repr__(self) -> str:
+        return (
+            f"ReplayBuffer(capacity={self.capacity}, obs_shape={self.obs_shape}, obs_dtype={self.obs_dtype}, "
+            f"frame_stack={self.frame_stack}, num_envs={self.num_envs}, len={len(self)}, nbytes={self.nbytes})"
+        )
+
+    # ------------------------------------------------------------------ sampling
+    def empty_batch(self, batch_size: int, window: bool = False, *, torch: bool = False, pin_memory: bool = False):
+        """Preallocated output for ``sample_into``.
+
+        ``torch=True`` makes CPU torch tensors; ``pin_memory=True`` makes them
+        page-locked (needs CUDA) so a copy to the GPU can run asynchronously.
+        """
+        batch_size = _positive_int(batch_size, "batch_size")
+        k = self.frame_stack
+        shapes = {
+            "action": (batch_size, *self.action_shape),
+            "reward": (batch_size,),
+            "terminated": (batch_size,),
+            "truncated": (batch_size,),
+            "ids": (batch_size,),
+        }
+        dtypes = {
+            "action": self.action_dtype,
+            "reward": np.dtype(np.float32),
+            "terminated": np.dtype(np.bool_),
+            "truncated": np.dtype(np.bool_),
+            "ids": np.dtype(np.int64),
+        }
+        if window:
+            frame_shape = self.frame_shape
+            shapes["frames"] = (
+                (batch_size, *frame_shape, k + 1) if self.stack_last else (batch_size, k + 1, *frame_shape)
+            )
+        else:
+            shapes["obs"] = shapes["next_obs"] = (batch_size, *self.obs_shape)
+            dtypes["obs"] = dtypes["next_obs"] = self.obs_dtype
+        dtypes["frames"] = self.obs_dtype
+
+        if torch or pin_memory:
+            import torch as th
+
+            if pin_memory and not th.cuda.is_available():
+                raise ValueError("pin_memory=True needs CUDA, which torch does not see; use pin_memory=False")
+
+            def alloc(name):
+                return th.empty(shapes[name], dtype=_torch_dtype(dtypes[name]), pin_memory=pin_memory)
+        else:
+
+            def alloc(name):
+                return np.empty(shapes[name], dtype=dtypes[name])
+
+        fields = {name: alloc(name) for name in shapes}
+        if window:
+            frames = fields["frames"]
+            if k == 1:
+                fields["obs"], fields["next_obs"] = frames[:, 0], frames[:, 1]
+            elif self.stack_last:
+                fields["obs"], fields["next_obs"] = frames[..., :k], frames[..., 1:]
+            else:
+                fields["obs"], fields["next_obs"] = frames[:, :k], frames[:, 1:]
+        return Batch(**fields)
+
+    def sample_into(self, out: Batch) -> Batch:
+        """Fill ``out`` (from ``empty_batch``) with a uniform batch, in place.
+
+        The batch size is ``len(out.ids)``. Allocates nothing; the gather runs
+        in native code without the GIL. In window mode only ``out.frames`` is
+        written (``obs``/``next_obs`` are views of it).
+        """
+        window = out.frames is not None
+        self._sample_into(
+            None if window else _writable_array(out.obs, "obs"),
+            None if window else _writable_array(out.next_obs, "next_obs"),
+            _writable_array(out.frames, "frames") if window else None,
+            _writable_array(out.action, "action"),
+            _writable_array(out.reward, "reward"),
+            _writable_array(out.terminated, "terminated"),
+            _writable_array(out.truncated, "truncated"),
+            _writable_array(out.ids, "ids"),
+        )
+        return out
+
+    def sample(self, batch_size: int, window: bool = False) -> Batch:
+        """A new batch of ``batch_size`` transitions drawn uniformly with replacement."""
+        if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if len(self) == 0:
+            raise ValueError("cannot sample from an empty replay buffer: add transitions first")
+        return self.sample_into(self.empty_batch(batch_size, window))
+
+
+def _torch_dtype(dtype: np.dtype):
+    import torch
+
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
