@@ -13,6 +13,11 @@ namespace {
 // worker costs more than it saves.
 constexpr uint64_t kParallelGatherBytes = 256 * 1024;
 
+BufferConfig clamped(BufferConfig c) {
+    c.capacity = std::min(c.capacity, uint64_t(1) << 33);
+    return c;
+}
+
 void require(bool ok, const std::string& message) {
     if (!ok) throw std::invalid_argument(message);
 }
@@ -44,18 +49,21 @@ ReplayBuffer::ReplayBuffer(const BufferConfig& config) : config_(config), k_(con
                 std::to_string(c.num_envs) + " transitions");
     require(std::isfinite(c.frame_reserve) && c.frame_reserve >= 0.0 && c.frame_reserve <= 64.0,
             "frame_reserve must be a fraction between 0 and 64, got " + std::to_string(c.frame_reserve));
-    const uint64_t frames = frame_capacity_for(c);
-    if (frames >= (uint64_t(1) << 32)) {
-        throw AllocationError("capacity=" + std::to_string(c.capacity) +
-                              " needs more than 2^32 frame slots, which this buffer does not support");
-    }
+    // Capacities past 2^32 cannot be stored (32-bit frame slots); clamp the
+    // estimate so the error below can still say how many bytes that would be.
+    const uint64_t frames = frame_capacity_for(c.capacity < (uint64_t(1) << 33) ? c : clamped(c));
     obs_bytes_ = uint64_t(k_) * c.layout.frame_bytes;
 
     // Check the whole footprint before touching anything, so the error says
     // what was asked for instead of failing halfway or at first touch.
     const long double total = (long double)frames * c.layout.frame_bytes +
                               (long double)c.capacity * (2.0L * k_ * 4 + 8 + c.action_bytes + 4 + 1);
-    if (total > 1.8e19L) throw AllocationError("the requested buffer size overflows 64-bit bytes");
+    if (c.capacity >= (uint64_t(1) << 32) || frames >= (uint64_t(1) << 32)) {
+        const long double wanted = total * ((long double)c.capacity / (long double)clamped(c).capacity);
+        throw AllocationError("cannot allocate " + std::to_string(uint64_t(std::min(wanted, 1.8e19L))) +
+                              " bytes for capacity=" + std::to_string(c.capacity) +
+                              ": a buffer holds at most 2^32 frames");
+    }
     check_can_allocate(uint64_t(total), "the replay buffer");
 
     store_ = FrameStore(frames, c.layout.frame_bytes);

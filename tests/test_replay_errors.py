@@ -1,0 +1,156 @@
+"""Bad input: a clear exception naming what was expected, and the buffer unchanged."""
+
+import numpy as np
+import pytest
+
+from dqn_fast import ReplayBuffer
+from reference import EpisodeStreams, ReferenceReplay, StreamConfig, assert_batch_matches
+
+CFG = StreamConfig(num_envs=2, frame_stack=4, frame_shape=(6, 7), palette=256)
+
+
+@pytest.fixture
+def filled():
+    streams = EpisodeStreams(CFG, 0)
+    buf = ReplayBuffer(50, (4, 6, 7), frame_stack=4, num_envs=2, seed=1)
+    ref = ReferenceReplay(50)
+    for _ in range(30):
+        args = streams.step()
+        ref.add(*args)
+        buf.add(*args)
+    return buf, ref, streams
+
+
+def assert_unchanged_and_working(buf, ref, streams):
+    assert buf.total_adds == ref.next_id
+    assert len(buf) == min(ref.next_id, 50)
+    assert_batch_matches(buf.sample(32), ref, range(ref.next_id - len(buf), ref.next_id))
+    args = streams.step()  # and it keeps accepting good adds
+    ref.add(*args)
+    buf.add(*args)
+    assert_batch_matches(buf.sample(32), ref)
+
+
+def good_add(streams):
+    obs, action, reward, next_obs, term, trunc = streams.step()
+    return dict(obs=obs, action=action, reward=reward, next_obs=next_obs, terminated=term, truncated=trunc)
+
+
+@pytest.mark.parametrize(
+    "field,value,error,match",
+    [
+        ("obs", np.zeros((2, 4, 6, 7), np.float32), TypeError, "obs must have dtype uint8.*got float32"),
+        ("next_obs", np.zeros((2, 4, 6, 8), np.uint8), ValueError, r"next_obs must have shape \(2, 4, 6, 7\).*got \(2, 4, 6, 8\)"),
+        ("obs", np.zeros((4, 6, 7), np.uint8), ValueError, r"obs must have shape \(2, 4, 6, 7\)"),
+        ("obs", [[1, 2]], TypeError, "obs must have dtype uint8"),
+        ("action", np.zeros(3, np.int64), ValueError, r"action must have shape \(2,\)"),
+        ("action", np.zeros(2, np.float64), TypeError, "action must have a dtype castable to int64"),
+        ("action", "left", TypeError, "action must have a dtype castable to int64"),
+        ("reward", np.zeros(5, np.float32), ValueError, r"reward must have shape \(2,\)"),
+        ("reward", np.array(["a", "b"]), TypeError, "reward must have a dtype castable to float32"),
+        ("terminated", np.zeros(2, np.float32), TypeError, "terminated must have dtype bool"),
+        ("truncated", np.array([0, 2]), ValueError, "truncated must hold only 0/1"),
+        ("truncated", np.zeros(3, bool), ValueError, r"truncated must have shape \(2,\)"),
+    ],
+)
+def test_bad_add_is_rejected_and_changes_nothing(filled, field, value, error, match):
+    buf, ref, streams = filled
+    args = good_add(EpisodeStreams(CFG, 99))
+    args[field] = value
+    with pytest.raises(error, match=match):
+        buf.add(**args)
+    assert_unchanged_and_working(buf, ref, streams)
+
+
+def test_lenient_inputs_that_lose_nothing_are_accepted():
+    buf = ReplayBuffer(10, (3,), obs_dtype=np.float32, seed=0)
+    obs = np.arange(3, dtype=np.float32)
+    buf.add(obs, 2, 1.5, obs + 1, False, np.bool_(True))  # unbatched, python scalars
+    buf.add(obs[None], np.array([1], np.int32), np.array([0.5]), (obs + 2)[None], np.array([1]), np.array([0]))
+    buf.add(np.asfortranarray(np.ones((1, 3), np.float32))[:, ::1], 0, 0, np.ones(3, np.float32), 0, 0)
+    assert len(buf) == 3
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda b: b.empty_batch(8)._replace(obs=np.empty((8, 4, 6, 7), np.int16)), TypeError, "out.obs must have dtype uint8"),
+        (lambda b: b.empty_batch(8)._replace(obs=np.empty((7, 4, 6, 7), np.uint8)), ValueError, r"out.obs must have shape \(8, 4, 6, 7\)"),
+        (lambda b: b.empty_batch(8)._replace(reward=np.empty(8, np.float64)), TypeError, "out.reward must have dtype float32"),
+        (lambda b: b.empty_batch(8)._replace(obs=np.empty((8, 6, 7, 4), np.uint8).transpose(0, 3, 1, 2)), ValueError, "out.obs must be C-contiguous"),
+        (lambda b: b.empty_batch(8)._replace(next_obs=read_only((8, 4, 6, 7))), ValueError, "out.next_obs must be writable"),
+        (lambda b: b.empty_batch(8)._replace(ids=[0] * 8), TypeError, "out.ids must be a numpy array or CPU torch tensor"),
+        (lambda b: (lambda o: o._replace(next_obs=o.obs))(b.empty_batch(8)), ValueError, "must not share memory"),
+        (lambda b: b.empty_batch(4, window=True)._replace(frames=np.empty((4, 4, 6, 7), np.uint8)), ValueError, r"out.frames must have shape \(4, 5, 6, 7\)"),
+    ],
+)
+def test_bad_output_is_rejected_and_changes_nothing(filled, make, error, match):
+    buf, ref, streams = filled
+    with pytest.raises(error, match=match):
+        buf.sample_into(make(buf))
+    assert_unchanged_and_working(buf, ref, streams)
+
+
+def read_only(shape):
+    a = np.empty(shape, np.uint8)
+    a.flags.writeable = False
+    return a
+
+
+def test_bad_batch_sizes_and_empty_buffer(filled):
+    buf, ref, streams = filled
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="batch_size must be at least 1"):
+            buf.sample(bad)
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        buf.sample(2.5)
+    empty = ReplayBuffer(10, (4,), obs_dtype=np.float32)
+    with pytest.raises(ValueError, match="empty replay buffer"):
+        empty.sample(4)
+    with pytest.raises(ValueError, match="empty replay buffer"):
+        empty.sample_into(empty.empty_batch(4))
+    assert_unchanged_and_working(buf, ref, streams)
+
+
+def test_torch_outputs_must_be_on_the_cpu_and_plain(filled):
+    torch = pytest.importorskip("torch")
+    buf, ref, streams = filled
+    out = buf.empty_batch(4, torch=True)
+    with pytest.raises(TypeError, match="out.reward must have dtype float32"):
+        buf.sample_into(out._replace(reward=torch.empty(4, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="pin_memory=True needs CUDA"):
+        if not torch.cuda.is_available():
+            buf.empty_batch(4, pin_memory=True)
+        else:
+            raise ValueError("pin_memory=True needs CUDA (skipped: CUDA is present)")
+    assert_unchanged_and_working(buf, ref, streams)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(capacity=0), ValueError, "capacity must be at least 1, got 0"),
+        (dict(capacity=2.5), TypeError, "capacity must be an int"),
+        (dict(capacity=3, num_envs=4), ValueError, "capacity=3 is smaller than one add needs: num_envs=4"),
+        (dict(obs_shape=(3, 84, 84)), ValueError, r"must have frame_stack=4 frames on axis 0"),
+        (dict(obs_shape=(4, -1)), ValueError, "obs_shape must be a tuple of positive ints"),
+        (dict(obs_dtype=object), TypeError, "obs_dtype must be a bool, integer or float dtype"),
+        (dict(obs_dtype="not a dtype"), TypeError, "obs_dtype must be a numpy dtype"),
+        (dict(stack_axis=1), ValueError, "stack_axis must be 0"),
+        (dict(seed=-1), ValueError, "seed must be None or an int"),
+        (dict(frame_stack=0), ValueError, "frame_stack must be at least 1"),
+        (dict(frame_reserve=-0.5), ValueError, "frame_reserve must be a fraction"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, match):
+    args = dict(capacity=100, obs_shape=(4, 84, 84), frame_stack=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        ReplayBuffer(**args)
+
+
+def test_too_large_a_buffer_is_a_memory_error_stating_the_bytes():
+    with pytest.raises(MemoryError, match=r"cannot allocate \d+ bytes"):
+        ReplayBuffer(2_000_000_000, (4, 84, 84), frame_stack=4)  # ~15 TB
+    with pytest.raises(MemoryError, match="bytes"):
+        ReplayBuffer(10**18, (4,), obs_dtype=np.float32)
