@@ -251,6 +251,18 @@ void ReplayBuffer::sample(int64_t batch_size, const SampleOut& out) {
     pool_->parallel_for(batch_size, [&](int64_t begin, int64_t end) { gather(begin, end, out); });
 }
 
+// Asks for the next item's frames while this one is copied: frames sit at
+// random places in the store, so the hardware prefetcher cannot guess them.
+void ReplayBuffer::prefetch_item(const uint32_t* f, bool window) const {
+    const uint64_t fb = config_.layout.frame_bytes;
+    const int k = k_;
+    for (int j = 0; j < 2 * k; ++j) {
+        if (window && j >= k && j != 2 * k - 1) continue;  // a window reads obs frames + the newest
+        const uint8_t* p = store_.slot(f[j]);
+        for (uint64_t off = 0; off < fb; off += 64) __builtin_prefetch(p + off);
+    }
+}
+
 void ReplayBuffer::gather(int64_t begin, int64_t end, const SampleOut& out) const {
     const FrameLayout& layout = config_.layout;
     const uint64_t fb = layout.frame_bytes, ab = config_.action_bytes;
@@ -258,6 +270,7 @@ void ReplayBuffer::gather(int64_t begin, int64_t end, const SampleOut& out) cons
     for (int64_t i = begin; i < end; ++i) {
         const uint64_t slot = index_.slot_of(out.ids[i]);
         const uint32_t* f = index_.frames_of(slot);
+        if (i + 1 < end) prefetch_item(index_.frames_of(index_.slot_of(out.ids[i + 1])), out.frames != nullptr);
         if (out.frames) {
             uint8_t* dst = out.frames + uint64_t(i) * (k + 1) * fb;
             for (int j = 0; j < k; ++j) layout.write(dst, j, k + 1, store_.slot(f[j]));

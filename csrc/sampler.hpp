@@ -8,6 +8,8 @@
 //    and a second core roughly halves the time.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -77,7 +79,7 @@ public:
     ~WorkerPool() {
         {
             std::lock_guard<std::mutex> lock(m_);
-            stop_ = true;
+            stop_.store(true);
         }
         wake_.notify_all();
         for (auto& t : threads_) t.join();
@@ -94,43 +96,63 @@ public:
             std::lock_guard<std::mutex> lock(m_);
             job_ = &job;
             n_ = n;
-            pending_ = int(threads_.size());
-            ++generation_;
+            pending_.store(int(threads_.size()), std::memory_order_relaxed);
+            generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
-        job(0, chunk_end(0));
-        std::unique_lock<std::mutex> lock(m_);
-        done_.wait(lock, [this] { return pending_ == 0; });
-        job_ = nullptr;
+        job(0, chunk_end(0, n));
+        // Chunks are equal and short (a large batch is ~1 ms): spin, then yield.
+        for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+            if (spins < 4096) {
+                pause();
+            } else {
+                std::this_thread::yield();
+            }
+        }
     }
 
 private:
-    int64_t chunk_end(int part) const { return n_ * (part + 1) / parts(); }
+    int64_t chunk_end(int part, int64_t n) const { return n * (part + 1) / parts(); }
 
+    static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+
+    // Waking a parked thread costs tens of microseconds, as much as a whole
+    // batch-32 gather; so after each job a worker stays awake briefly for the
+    // next one (back-to-back sampling, as a prefetcher does), then parks.
     void work(int part) {
+        using clock = std::chrono::steady_clock;
         uint64_t seen = 0;
         for (;;) {
-            std::unique_lock<std::mutex> lock(m_);
-            wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-            if (stop_) return;
-            seen = generation_;
+            const auto until = clock::now() + std::chrono::microseconds(200);
+            for (int i = 0; generation_.load(std::memory_order_acquire) == seen && !stop_.load(); ++i) {
+                pause();
+                if ((i & 255) == 255 && clock::now() > until) {
+                    std::unique_lock<std::mutex> lock(m_);
+                    wake_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
+                    break;
+                }
+            }
+            if (stop_.load()) return;
+            seen = generation_.load(std::memory_order_acquire);
             const Job* job = job_;
-            const int64_t begin = n_ * part / parts(), end = chunk_end(part);
-            lock.unlock();
-            (*job)(begin, end);
-            lock.lock();
-            if (--pending_ == 0) done_.notify_one();
+            const int64_t n = n_;
+            (*job)(n * part / parts(), chunk_end(part, n));
+            pending_.fetch_sub(1, std::memory_order_release);
         }
     }
 
     std::vector<std::thread> threads_;
     std::mutex m_;
-    std::condition_variable wake_, done_;
-    const Job* job_ = nullptr;
+    std::condition_variable wake_;
+    const Job* job_ = nullptr;  // written before generation_ is released
     int64_t n_ = 0;
-    int pending_ = 0;
-    uint64_t generation_ = 0;
-    bool stop_ = false;
+    std::atomic<int> pending_{0};
+    std::atomic<uint64_t> generation_{0};
+    std::atomic<bool> stop_{false};
 };
 
 }  // namespace dqn_fast
