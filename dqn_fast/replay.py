@@ -27,7 +27,14 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from . import _core
+try:
+    from . import _core
+except ImportError as exc:  # pragma: no cover - depends on how it was installed
+    raise ImportError(
+        "dqn_fast's native core (dqn_fast._core) is not built here. Install the package with "
+        "`pip install .` and import it from outside the source tree (this error also appears "
+        f"when the source folder shadows the installed package): {exc}"
+    ) from exc
 
 __all__ = ["Batch", "ReplayBuffer"]
 
