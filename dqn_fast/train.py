@@ -1,0 +1,368 @@
+"""Training: a config dataclass, per-env recipes, and `train(config)`.
+
+The loop, per iteration: act on all envs with one batched forward pass, step
+them, add one transition per env to the replay buffer, and run the learner
+updates that are due (one per `train_freq` env steps after `learning_starts`),
+fed by the prefetcher. `global_step` counts env steps over all envs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .agent import DQNAgent, LearnerConfig, linear_epsilon
+from .envs import VecEnv, is_atari, make_env
+from .logs import RunLogger
+from .prefetch import Prefetcher
+from .replay import ReplayBuffer
+
+
+@dataclass
+class Config:
+    env: str = "CartPole-v1"
+    total_steps: int = 50_000
+    num_envs: int = 1
+    seed: int = 1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    run_dir: Optional[str] = None  # default: runs/<env>__<seed>
+    # replay
+    buffer_size: int = 50_000
+    batch_size: int = 64
+    learning_starts: int = 1_000
+    train_freq: int = 1  # env steps per learner update
+    # learner
+    lr: float = 1e-3
+    gamma: float = 0.99
+    optimizer: str = "adam"
+    loss: str = "mse"
+    double_dqn: bool = True
+    max_grad_norm: float = 10.0
+    target_update_interval: int = 1  # learner updates between target syncs
+    tau: float = 0.005  # 1.0: hard copy
+    hidden: Sequence[int] = (128,)
+    # exploration
+    eps_start: float = 1.0
+    eps_end: float = 0.05
+    exploration_fraction: float = 0.2  # of total_steps
+    clip_rewards: bool = False
+    # pipeline and runtime
+    prefetch_depth: int = 2
+    window: bool = True
+    torch_threads: int = 0  # 0: one per core, minus one for envs and sampling when there are few
+    log_interval: int = 5_000
+    checkpoint_interval: int = 50_000
+    eval_episodes: int = 10
+    eval_epsilon: float = 0.0
+    resume: bool = False
+    progress: bool = True
+
+    @classmethod
+    def for_env(cls, env: str, **overrides) -> "Config":
+        """The recipe for `env` (see RECIPES), with overrides on top."""
+        values = dict(ATARI if is_atari(env) else RECIPES.get(env, {}))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(env=env, **values)
+
+    def learner(self) -> LearnerConfig:
+        return LearnerConfig(
+            gamma=self.gamma,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            loss=self.loss,
+            double_dqn=self.double_dqn,
+            max_grad_norm=self.max_grad_norm,
+            target_update_interval=self.target_update_interval,
+            tau=self.tau,
+        )
+
+
+# Atari: CleanRL's dqn_atari / Nature DQN (target sync counted in learner updates).
+ATARI = dict(
+    total_steps=10_000_000,
+    num_envs=4,
+    buffer_size=1_000_000,
+    batch_size=32,
+    learning_starts=80_000,
+    train_freq=4,
+    lr=1e-4,
+    gamma=0.99,
+    optimizer="adam",
+    loss="huber",
+    double_dqn=False,
+    max_grad_norm=10.0,
+    target_update_interval=1_000,
+    tau=1.0,
+    eps_start=1.0,
+    eps_end=0.01,
+    exploration_fraction=0.10,
+    clip_rewards=True,
+    log_interval=20_000,
+    checkpoint_interval=250_000,
+    eval_episodes=10,
+    eval_epsilon=0.05,
+)
+
+# CartPole-v1: tuned to solve (mean eval return >= 195) well within 50k steps.
+RECIPES = {
+    "CartPole-v1": dict(
+        total_steps=50_000,
+        num_envs=1,
+        buffer_size=50_000,
+        batch_size=64,
+        learning_starts=1_000,
+        train_freq=1,
+        lr=1e-3,
+        loss="mse",
+        double_dqn=True,
+        target_update_interval=1,
+        tau=0.005,
+        eps_end=0.05,
+        exploration_fraction=0.2,
+        log_interval=5_000,
+        checkpoint_interval=25_000,
+        eval_episodes=20,
+    ),
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def set_torch_threads(requested: int) -> int:
+    """Learner threads. The env, the sampler and the Python loop need a core
+    too: on a small machine, torch threads that fight them for cores make a
+    Nature-CNN update several times slower."""
+    cores = os.cpu_count() or 1
+    threads = requested if requested > 0 else max(1, cores - 1 if cores <= 4 else cores - 2)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def checkpoint_path(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoint.pt")
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file, then rename: a crash mid-write never
+    destroys the last good checkpoint."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class Trainer:
+    """State of one run; `train(config)` is the public entry point."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        if cfg.num_envs < 1 or cfg.total_steps < 1 or cfg.batch_size < 1 or cfg.train_freq < 1:
+            raise ValueError("num_envs, total_steps, batch_size and train_freq must be positive")
+        self.run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.env.replace('/', '_')}__{cfg.seed}")
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        self.threads = set_torch_threads(cfg.torch_threads)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.envs: VecEnv = make_env(cfg.env, cfg.num_envs, training=True)
+        self.buffer = ReplayBuffer(
+            cfg.buffer_size,
+            self.envs.obs_shape,
+            self.envs.obs_dtype,
+            frame_stack=self.envs.frame_stack,
+            num_envs=cfg.num_envs,
+            seed=cfg.seed,
+        )
+        self.agent = DQNAgent(self.envs.obs_shape, self.envs.n_actions, cfg.learner(), self.device, cfg.hidden)
+        self.global_step = 0
+        self.games = 0
+        self.learning_starts = cfg.learning_starts
+        self.start_updates = 0
+
+    # --------------------------------------------------------------- checkpoint
+    def save(self) -> None:
+        state = {
+            "config": dataclasses.asdict(self.cfg),
+            "agent": self.agent.state_dict(),
+            "global_step": self.global_step,
+            "games": self.games,
+            "learning_starts": self.learning_starts,
+            "start_updates": self.start_updates,
+            "rng": {
+                "numpy": self.rng.bit_generator.state,
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+            },
+            "obs_shape": self.envs.obs_shape,
+            "n_actions": self.envs.n_actions,
+        }
+        atomic_save(state, checkpoint_path(self.run_dir))
+
+    def restore(self) -> bool:
+        path = checkpoint_path(self.run_dir)
+        if not os.path.exists(path):
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.agent.load_state_dict(state["agent"])
+        self.global_step = int(state["global_step"])
+        self.games = int(state["games"])
+        self.rng.bit_generator.state = state["rng"]["numpy"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        # The buffer starts empty again: refill before learning resumes, and
+        # keep the update schedule relative to that point.
+        self.learning_starts = self.global_step + min(self.cfg.learning_starts, self.cfg.buffer_size)
+        self.start_updates = self.agent.updates
+        return True
+
+    # --------------------------------------------------------------------- loop
+    def epsilon(self) -> float:
+        cfg = self.cfg
+        return linear_epsilon(self.global_step, cfg.eps_start, cfg.eps_end, int(cfg.exploration_fraction * cfg.total_steps))
+
+    def updates_due(self) -> int:
+        if self.global_step < self.learning_starts or len(self.buffer) < self.cfg.batch_size:
+            return 0
+        target = (self.global_step - self.learning_starts) // self.cfg.train_freq + 1
+        return max(0, target - (self.agent.updates - self.start_updates))
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        resumed = cfg.resume and self.restore()
+        logger = RunLogger(self.run_dir, cfg.total_steps, self.global_step, progress=cfg.progress, log_every=cfg.log_interval)
+        prefetcher = Prefetcher(self.buffer, cfg.batch_size, self.device, cfg.prefetch_depth, cfg.window)
+        ep_return = np.zeros(cfg.num_envs)
+        ep_length = np.zeros(cfg.num_envs, dtype=np.int64)
+        recent: deque = deque(maxlen=20)
+        replay_seconds = 0.0
+        losses: List[torch.Tensor] = []
+        next_checkpoint = (self.global_step // cfg.checkpoint_interval + 1) * cfg.checkpoint_interval
+        obs = self.envs.reset(seed=cfg.seed + self.global_step)
+        start = time.perf_counter()
+        try:
+            while self.global_step < cfg.total_steps:
+                actions = self.agent.act(obs, self.epsilon(), self.rng)
+                step = self.envs.step(actions)
+                reward = np.sign(step.reward) if cfg.clip_rewards else step.reward
+                t0 = time.perf_counter()
+                prefetcher.barrier()  # batches asked for are drawn before the buffer changes
+                self.buffer.add(obs, actions, reward.astype(np.float32), step.next_obs, step.terminated, step.truncated)
+                replay_seconds += time.perf_counter() - t0
+                obs = step.obs
+                self.global_step += cfg.num_envs
+                ep_return += step.reward
+                ep_length += 1
+                for e in np.flatnonzero(step.game_over):
+                    recent.append(ep_return[e])
+                    logger.episode(self.global_step, float(ep_return[e]), int(ep_length[e]))
+                    self.games += 1
+                    ep_return[e], ep_length[e] = 0.0, 0
+
+                for _ in range(self.updates_due()):
+                    b = prefetcher.next()
+                    losses.append(self.agent.update(b.obs, b.action, b.reward, b.next_obs, b.terminated))
+
+                if logger.due(self.global_step) or self.global_step >= cfg.total_steps:
+                    elapsed = time.perf_counter() - start
+                    loss = torch.stack(losses).mean().item() if losses else float("nan")
+                    losses.clear()
+                    logger.log(
+                        self.global_step,
+                        loss=loss,
+                        epsilon=self.epsilon(),
+                        mean_return=float(np.mean(recent)) if recent else float("nan"),
+                        games=self.games,
+                        updates=self.agent.updates,
+                        buffer_len=len(self.buffer),
+                        replay_share=(replay_seconds + prefetcher.wait_seconds) / max(elapsed, 1e-9),
+                    )
+                if self.global_step >= next_checkpoint:
+                    self.save()
+                    next_checkpoint += cfg.checkpoint_interval
+            elapsed = time.perf_counter() - start
+            self.save()
+        finally:
+            prefetcher.close()
+            logger.close()
+            self.envs.close()
+        summary = {
+            "env": cfg.env,
+            "steps": self.global_step,
+            "updates": self.agent.updates,
+            "games": self.games,
+            "mean_return_last_20": float(np.mean(recent)) if recent else None,
+            "seconds": elapsed,
+            "steps_per_s": (self.global_step - logger.first_step) / max(elapsed, 1e-9),
+            "replay_share": (replay_seconds + prefetcher.wait_seconds) / max(elapsed, 1e-9),
+            "resumed": bool(resumed),
+            "checkpoint": checkpoint_path(self.run_dir),
+            "torch_threads": self.threads,
+            "device": str(self.device),
+        }
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        return summary
+
+
+def train(config: Config) -> dict:
+    """Trains a DQN as `config` says; returns a summary (also in run_dir/summary.json)."""
+    return Trainer(config).run()
+
+
+def evaluate(checkpoint: str, episodes: int = 10, seed: int = 1_000_003, epsilon: Optional[float] = None, device: str = "auto") -> dict:
+    """Plays `episodes` full episodes (whole games for Atari, raw scores) with
+    the checkpoint's online network, epsilon-greedy with the eval epsilon."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be at least 1, got {episodes}")
+    dev = resolve_device(device)
+    state = torch.load(checkpoint, map_location=dev, weights_only=False)
+    cfg = Config(**{k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
+    eps = cfg.eval_epsilon if epsilon is None else epsilon
+    agent = DQNAgent(state["obs_shape"], state["n_actions"], cfg.learner(), dev, cfg.hidden)
+    agent.load_state_dict(state["agent"])
+    rng = np.random.default_rng(seed)
+    returns: List[float] = []
+    while len(returns) < episodes:
+        # Each env of a round plays exactly one episode: no bias toward short ones.
+        n = min(episodes - len(returns), 16)
+        envs = make_env(cfg.env, n, training=False)
+        obs = envs.reset(seed=seed + len(returns))
+        totals, done = np.zeros(n), np.zeros(n, bool)
+        while not done.all():
+            step = envs.step(agent.act(obs, eps, rng))
+            totals += np.where(done, 0.0, step.reward)
+            done |= step.game_over
+            obs = step.obs
+        envs.close()
+        returns.extend(totals.tolist())
+    return {
+        "env": cfg.env,
+        "episodes": episodes,
+        "mean_return": float(np.mean(returns)),
+        "std_return": float(np.std(returns)),
+        "returns": returns,
+        "epsilon": eps,
+        "checkpoint_step": int(state["global_step"]),
+    }

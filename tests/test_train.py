@@ -1,0 +1,139 @@
+"""The trainer end to end: it learns CartPole, runs the whole Atari pipeline,
+checkpoints atomically, resumes, and its command line fails politely."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dqn_fast import train as train_mod
+from dqn_fast.train import Config, Trainer, evaluate, train
+
+
+def test_cartpole_reaches_195_within_50k_steps(tmp_path):
+    cfg = Config.for_env("CartPole-v1", seed=1, run_dir=str(tmp_path), progress=False)
+    assert cfg.total_steps == 50_000
+    summary = train(cfg)
+    assert summary["steps"] == 50_000
+    result = evaluate(str(tmp_path / "checkpoint.pt"), episodes=20, seed=123)
+    assert result["episodes"] == 20 and len(result["returns"]) == 20
+    assert result["mean_return"] >= 195, result
+    rows = (tmp_path / "progress.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and len(rows) == 1 + 50_000 // cfg.log_interval
+    assert summary["replay_share"] < 0.25  # replay is a small share even for a tiny MLP
+
+
+def short_cartpole(tmp_path, **kw):
+    values = dict(total_steps=1500, learning_starts=200, run_dir=str(tmp_path), progress=False, log_interval=500, checkpoint_interval=10**9)
+    values.update(kw)
+    return Config.for_env("CartPole-v1", **values)
+
+
+def test_same_seed_same_run(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        trainer = Trainer(short_cartpole(tmp_path / name, seed=7))
+        trainer.run()
+        runs.append(trainer.agent.online.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_atari_pipeline_end_to_end_with_resume_and_eval(tmp_path):
+    cfg = Config.for_env(
+        "ALE/Pong-v5",
+        total_steps=1200,
+        num_envs=4,
+        buffer_size=3000,
+        learning_starts=400,
+        target_update_interval=25,
+        checkpoint_interval=600,
+        log_interval=400,
+        run_dir=str(tmp_path),
+        progress=False,
+        seed=3,
+    )
+    trainer = Trainer(cfg)
+    initial_target = [p.clone() for p in trainer.agent.target.parameters()]
+    summary = trainer.run()
+    assert summary["steps"] == 1200 and len(trainer.buffer) == 1200
+    assert trainer.buffer.frames_written < 1.2 * 1200  # frames stored once, not stacked
+    assert trainer.agent.updates == (1200 - 400) // 4 + 1
+    assert not all(torch.equal(a, b) for a, b in zip(initial_target, trainer.agent.target.parameters()))
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["global_step"] == 1200 and saved["agent"]["updates"] == trainer.agent.updates
+
+    resumed = Trainer(Config(**{**cfg.__dict__, "total_steps": 1600, "resume": True}))
+    summary = resumed.run()
+    assert summary["resumed"] and summary["steps"] == 1600
+    # the buffer restarts empty: learning waits for learning_starts fresh steps
+    # (steps 1200-1600), then the first update after the restart
+    assert resumed.agent.updates == trainer.agent.updates + 1
+    assert len(resumed.buffer) == 400
+    assert [int(r.split(",")[0]) for r in (tmp_path / "progress.csv").read_text().splitlines()[1:]] == [400, 800, 1200, 1600]
+
+    out = subprocess.run(
+        [sys.executable, "-m", "dqn_fast.cli", "eval", str(tmp_path / "checkpoint.pt"), "--episodes", "1", "--json"],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"mean_return", "std_return", "episodes", "env"} <= set(result)
+    assert result["env"] == "ALE/Pong-v5" and result["episodes"] == 1
+    assert -21 <= result["mean_return"] <= 21 and float(result["mean_return"]).is_integer()  # raw game score
+
+
+def test_a_crash_mid_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
+    trainer = Trainer(short_cartpole(tmp_path, total_steps=300))
+    trainer.run()
+    path = tmp_path / "checkpoint.pt"
+    good = path.read_bytes()
+
+    def crash(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_mod.torch, "save", crash)
+    trainer.global_step += 1
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    assert path.read_bytes() == good
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "dqn_fast.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_command_line_errors_are_one_line_not_tracebacks(tmp_path):
+    for args, message in [
+        (["train", "--env", "NoSuchEnv-v0", "--no-progress"], "unknown env id"),
+        (["train", "--env", "ALE/NoSuchGame-v5", "--no-progress"], "no ROM named"),
+        (["train", "--device", "cuda:0", "--no-progress"], "torch sees no CUDA device" if not torch.cuda.is_available() else None),
+        (["eval", str(tmp_path / "missing.pt")], "No such file"),
+    ]:
+        if message is None:
+            continue
+        out = cli(*args, cwd=tmp_path)
+        assert out.returncode == 2, out
+        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = cli("train", "--bogus-flag", cwd=tmp_path)
+    assert out.returncode == 2 and "unrecognized arguments: --bogus-flag" in out.stderr
+
+
+def test_every_hyperparameter_has_a_flag_with_help(tmp_path):
+    out = cli("train", "--help", cwd=tmp_path)
+    for name in Config.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in out.stdout, name
+
+
+def test_recipes():
+    atari = Config.for_env("ALE/Breakout-v5")
+    assert (atari.buffer_size, atari.batch_size, atari.lr, atari.train_freq) == (1_000_000, 32, 1e-4, 4)
+    assert (atari.target_update_interval, atari.eps_end, atari.exploration_fraction, atari.learning_starts) == (1000, 0.01, 0.1, 80_000)
+    assert atari.loss == "huber" and atari.clip_rewards
+    assert Config.for_env("ALE/Breakout-v5", lr=3e-4, batch_size=None).lr == 3e-4
+    assert np.isclose(Config.for_env("CartPole-v1").eps_end, 0.05)
