@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     bench = sub.add_parser("bench", help="run the replay benchmark: table, results.json")
     bench.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     bench.add_argument("--out", default="bench-results", help="directory for results.json (default: %(default)s)")
+    bench.add_argument("--train", action="store_true", help="also time Atari training against a CleanRL-style loop (needs the atari and sb3 extras)")
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -112,7 +113,7 @@ def _run(args) -> int:
     elif args.command == "bench":
         from .bench import run
 
-        run(quick=args.quick, out_dir=args.out)
+        run(quick=args.quick, out_dir=args.out, train=args.train)
     return 0
 
 

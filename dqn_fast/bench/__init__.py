@@ -10,7 +10,7 @@ from . import replay
 from .timing import machine
 
 
-def run(quick: bool = False, out_dir: str = "bench-results") -> dict:
+def run(quick: bool = False, out_dir: str = "bench-results", train: bool = False) -> dict:
     started = time.time()
     results = {
         "machine": machine(),
@@ -19,6 +19,10 @@ def run(quick: bool = False, out_dir: str = "bench-results") -> dict:
         "sample": replay.bench_sample(quick),
         "memory": replay.bench_memory(quick),
     }
+    if train:  # needs the atari and sb3 extras
+        from .train_speed import bench_train_speed
+
+        results["train"] = bench_train_speed(quick)
     results["seconds"] = time.time() - started
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
@@ -58,4 +62,13 @@ def format_table(r: dict) -> str:
         f"  stacked arrays at 1M: obs only {mem['stacked_obs_only_1M_gb']:.1f} GB, "
         f"obs + next_obs {mem['stacked_obs_and_next_1M_gb']:.1f} GB (from array shapes)",
     ]
+    if "train" in r:
+        t = r["train"]
+        lines += [
+            "",
+            f"Atari training ({t['env']}, learning phase, {t['timed_steps']} env steps), env steps/s",
+            f"  dqn_fast            {t['dqn_fast']['steps_per_s']:>8.1f}  (replay + input: {100 * t['dqn_fast']['replay_share']:.2f}% of step time)",
+            f"  CleanRL-style + SB3 {t['cleanrl_style_sb3']['steps_per_s']:>8.1f}",
+            f"  speedup             {t['speedup']:>8.2f}x",
+        ]
     return "\n".join(lines)
