@@ -1,6 +1,10 @@
 // The one pybind11 file: argument checks, GIL release, numpy views.
 // Every Python-facing error is raised here, before the core runs, so a
 // rejected call never changes the buffer.
+// Every binding that takes the core's mutex releases the GIL first: saving
+// runs Python (file writes) while it holds the mutex, so a thread waiting
+// for the mutex with the GIL held would deadlock it. (len and the counters
+// take no lock.)
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -14,6 +18,7 @@
 namespace py = pybind11;
 using dqn_fast::AddArgs;
 using dqn_fast::BufferConfig;
+using dqn_fast::BufferState;
 using dqn_fast::ReplayBuffer;
 using dqn_fast::SampleOut;
 
@@ -163,6 +168,64 @@ public:
         return s;
     }
 
+    // Persistence (the format is dqn_fast/replay.py's). Calls write(state,
+    // arrays) holding the buffer's mutex, so no add can tear the snapshot;
+    // the arrays are read-only views of the buffer's memory, valid only
+    // inside write.
+    py::object snapshot(py::object self, py::function write) {
+        std::unique_lock<std::mutex> lock;
+        {
+            py::gil_scoped_release release;
+            lock = core_->lock();
+        }
+        const BufferState s = core_->state();
+        const int k = core_->config().frame_stack;
+        py::array_t<uint8_t> open(py::ssize_t(s.streams.size()));
+        py::array_t<int64_t> seqs({py::ssize_t(s.streams.size()), py::ssize_t(k)});
+        for (size_t e = 0; e < s.streams.size(); ++e) {
+            open.mutable_at(e) = s.streams[e].open;
+            for (int j = 0; j < k; ++j) seqs.mutable_at(e, j) = s.streams[e].seqs[j];
+        }
+        py::dict state;
+        state["next_seq"] = s.next_seq;
+        state["head"] = s.head;
+        state["tail"] = s.tail;
+        state["rng"] = py::make_tuple(s.rng[0], s.rng[1], s.rng[2], s.rng[3]);
+        state["stream_open"] = open;
+        state["stream_seqs"] = seqs;
+        return write(state, views(self, s.next_seq, s.head, false));
+    }
+
+    // Writable views of a fresh buffer's arrays, cut to the rows a loaded
+    // state with these counters has written; filled in place, then _restore.
+    py::dict load_views(py::object self, int64_t next_seq, int64_t head) {
+        if (core_->total_adds() != 0 || core_->frames_written() != 0)
+            throw py::value_error("can only load into a buffer that has never been added to");
+        return views(self, next_seq, head, true);
+    }
+
+    void restore(int64_t next_seq, int64_t head, int64_t tail, const std::vector<uint64_t>& rng,
+                 const py::array_t<uint8_t, py::array::c_style>& open,
+                 const py::array_t<int64_t, py::array::c_style>& seqs) {
+        const int ne = core_->num_envs(), k = core_->config().frame_stack;
+        if (rng.size() != 4) throw py::value_error("the PRNG state must be 4 integers");
+        if (open.ndim() != 1 || open.shape(0) != ne || seqs.ndim() != 2 || seqs.shape(0) != ne || seqs.shape(1) != k)
+            throw py::value_error("stream arrays must have shapes (num_envs,) and (num_envs, frame_stack)");
+        BufferState s;
+        s.next_seq = next_seq;
+        s.head = head;
+        s.tail = tail;
+        std::copy(rng.begin(), rng.end(), s.rng);
+        s.streams.resize(ne);
+        for (int e = 0; e < ne; ++e) {
+            if (open.at(e) > 1) throw py::value_error("stream open flags must be 0 or 1");
+            s.streams[e].open = open.at(e) != 0;
+            s.streams[e].seqs.assign(seqs.data(e, 0), seqs.data(e, 0) + k);
+        }
+        py::gil_scoped_release release;
+        core_->restore(s);
+    }
+
     ReplayBuffer& core() { return *core_; }
     const Shape& obs_shape() const { return obs_shape_; }
     const Shape& action_shape() const { return action_shape_; }
@@ -278,6 +341,17 @@ private:
 
     static std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr("__name__")); }
 
+    // name -> 1-D uint8 view of each array, keeping `self` alive.
+    py::dict views(py::object self, int64_t next_seq, int64_t head, bool writable) {
+        py::dict out;
+        for (const auto& a : core_->arrays(next_seq, head)) {
+            py::array_t<uint8_t> view({py::ssize_t(a.nbytes)}, {py::ssize_t(1)}, a.data, self);
+            if (!writable) view.attr("setflags")(py::arg("write") = false);
+            out[a.name] = view;
+        }
+        return out;
+    }
+
     py::dtype obs_dtype_, action_dtype_;
     Shape obs_shape_, action_shape_;
     std::unique_ptr<ReplayBuffer> core_;
@@ -295,6 +369,22 @@ PYBIND11_MODULE(_core, m) {
         }
     });
 
+    m.def(
+        "crc32c",
+        [](py::object data, uint32_t value) {
+            Py_buffer view;
+            if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+            uint32_t crc;
+            {
+                py::gil_scoped_release release;
+                crc = dqn_fast::crc32c(view.buf, size_t(view.len), value);
+            }
+            PyBuffer_Release(&view);
+            return crc;
+        },
+        py::arg("data"), py::arg("value") = 0,
+        "CRC-32C of a contiguous buffer, continuing from `value`: crc32c(b, crc32c(a)) == crc32c(a + b).");
+
     py::class_<PyReplayBuffer>(m, "ReplayBufferCore")
         .def(py::init<uint64_t, int, int, const Shape&, py::dtype, const Shape&, py::dtype, uint64_t, bool, double, int>(),
              py::arg("capacity"), py::arg("num_envs"), py::arg("frame_stack"), py::arg("frame_shape"),
@@ -305,6 +395,16 @@ PYBIND11_MODULE(_core, m) {
              "Add one transition per env. Arrays carry a leading num_envs axis (optional when num_envs == 1).")
         .def("_sample_into", &PyReplayBuffer::sample_into, py::arg("obs"), py::arg("next_obs"), py::arg("frames"),
              py::arg("action"), py::arg("reward"), py::arg("terminated"), py::arg("truncated"), py::arg("ids"))
+        .def("_snapshot",
+             [](py::object self, py::function write) { return self.cast<PyReplayBuffer&>().snapshot(self, write); },
+             py::arg("write"))
+        .def("_load_views",
+             [](py::object self, int64_t next_seq, int64_t head) {
+                 return self.cast<PyReplayBuffer&>().load_views(self, next_seq, head);
+             },
+             py::arg("next_seq"), py::arg("head"))
+        .def("_restore", &PyReplayBuffer::restore, py::arg("next_seq"), py::arg("head"), py::arg("tail"),
+             py::arg("rng"), py::arg("stream_open"), py::arg("stream_seqs"))
         .def("__len__", [](PyReplayBuffer& b) { return b.core().size(); })
         .def_property_readonly("capacity", [](PyReplayBuffer& b) { return b.core().capacity(); })
         .def_property_readonly("num_envs", [](PyReplayBuffer& b) { return b.core().num_envs(); })

@@ -17,10 +17,18 @@
 //  * An env's stream is the stored copy of its latest next_obs. An add may
 //    reuse it for its obs only if it is open (no terminal/truncation since)
 //    and the caller's obs equals it frame by frame; the buffer checks both.
+//    An open stream's seqs are non-decreasing, >= 0 and < the store's
+//    next_seq (the frames were written; they may since be overwritten).
+//  * A loaded state (check + adopt) is held to all of the above, so a
+//    hostile file cannot make add or sample read outside the arrays or read
+//    a frame slot that was never written.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "frame_store.hpp"
@@ -59,6 +67,59 @@ public:
     const uint32_t* frames_of(uint64_t slot) const { return slots_.data() + slot * 2 * k_; }
 
     EnvStream& stream(int env) { return streams_[env]; }
+    const std::vector<EnvStream>& streams() const { return streams_; }
+    uint32_t* slots_data() { return slots_.data(); }
+    int64_t* oldest_data() { return oldest_.data(); }
+
+    // Throws std::invalid_argument naming the first invariant (see the top of
+    // this file) that a loaded state breaks. The slot arrays must already
+    // hold the loaded rows; `next_seq` is the frame store's counter. Changes
+    // nothing; `adopt` then takes the state.
+    void check(int64_t head, int64_t tail, const std::vector<EnvStream>& streams, int64_t next_seq) const {
+        const auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
+        const auto str = [](int64_t v) { return std::to_string(v); };
+        const int64_t cap = int64_t(capacity_), fcap = int64_t(frame_capacity_);
+        constexpr int64_t kMaxCount = int64_t(1) << 62;  // counters far from overflow
+        if (!(0 <= tail && tail <= head && head - tail <= cap && head < kMaxCount))
+            fail("transition ids [tail=" + str(tail) + ", head=" + str(head) + ") do not fit a ring of " + str(cap));
+        if (!(0 <= next_seq && next_seq < kMaxCount))
+            fail("frame counter next_seq=" + str(next_seq) + " is out of range");
+        if (streams.size() != size_t(num_envs_)) fail("expected " + str(num_envs_) + " env streams");
+        // Live frames are the seqs [live, next_seq); slot f holds seq base+f
+        // or base+f+fcap, whichever is live. Slots >= written were never written.
+        const int64_t live = std::max<int64_t>(0, next_seq - fcap), base = live - live % fcap;
+        const uint64_t written = uint64_t(std::min(next_seq, fcap));
+        std::vector<int64_t> last_oldest(num_envs_, 0);
+        for (int64_t id = tail; id < head; ++id) {
+            const uint64_t slot = slot_of(id);
+            const uint32_t* f = frames_of(slot);
+            int64_t lo = INT64_MAX;
+            for (int j = 0; j < 2 * k_; ++j) {
+                if (f[j] >= written)
+                    fail("transition " + str(id) + " names frame slot " + str(f[j]) + ", which holds no frame");
+                const int64_t seq = base + f[j] < live ? base + f[j] + fcap : base + f[j];
+                lo = std::min(lo, seq);
+            }
+            if (oldest_[slot] != lo) fail("transition " + str(id) + " records the wrong oldest frame");
+            const int e = int(id % num_envs_);
+            if (lo < last_oldest[e]) fail("transition " + str(id) + " names frames older than its env's previous one");
+            last_oldest[e] = lo;
+        }
+        for (int e = 0; e < num_envs_; ++e) {
+            const EnvStream& s = streams[e];
+            if (s.seqs.size() != size_t(k_)) fail("env " + str(e) + "'s stream must hold " + str(k_) + " frames");
+            if (!s.open) continue;
+            bool ok = s.seqs[0] >= 0 && s.seqs[k_ - 1] < next_seq;
+            for (int j = 1; j < k_; ++j) ok = ok && s.seqs[j - 1] <= s.seqs[j];
+            if (!ok) fail("env " + str(e) + "'s open stream names frames that were not written in order");
+        }
+    }
+
+    void adopt(int64_t head, int64_t tail, std::vector<EnvStream> streams) {
+        head_ = head;
+        tail_ = tail;
+        streams_ = std::move(streams);
+    }
 
     // Drops the oldest transitions so that `n` more fit in the ring.
     void evict_for(uint64_t n) { tail_ = std::max(tail_, head_ + int64_t(n) - int64_t(capacity_)); }

@@ -89,6 +89,7 @@ public:
     int64_t oldest_live_seq() const { return next_seq_ - int64_t(capacity_); }
     bool is_live(int64_t seq) const { return seq >= oldest_live_seq() && seq < next_seq_; }
 
+    uint8_t* data() { return bytes_.data(); }
     uint8_t* slot(uint64_t s) { return bytes_.data() + s * frame_bytes_; }
     const uint8_t* slot(uint64_t s) const { return bytes_.data() + s * frame_bytes_; }
     uint32_t slot_of(int64_t seq) const { return uint32_t(uint64_t(seq) % capacity_); }
@@ -100,6 +101,10 @@ public:
         std::memcpy(slot(slot_of(next_seq_)), src, frame_bytes_);
         return next_seq_++;
     }
+
+    // A loaded store: its bytes were written in place; the caller has checked
+    // the counter against everything that names a frame.
+    void set_next_seq(int64_t seq) { next_seq_ = seq; }
 
 private:
     uint64_t capacity_ = 0;

@@ -76,19 +76,10 @@ ReplayBuffer::ReplayBuffer(const BufferConfig& config) : config_(config), k_(con
     if (c.layout.stack_last && k_ > 1) scratch_.resize(2 * c.layout.frame_bytes);
 }
 
-uint64_t ReplayBuffer::size() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return index_.size();
-}
-
-int64_t ReplayBuffer::total_adds() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return index_.head();
-}
-
-int64_t ReplayBuffer::frames_written() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return store_.next_seq();
+void ReplayBuffer::publish_counters() {
+    size_.store(index_.size());
+    total_adds_.store(index_.head());
+    frames_written_.store(store_.next_seq());
 }
 
 uint64_t ReplayBuffer::nbytes() const {
@@ -216,6 +207,7 @@ void ReplayBuffer::add(const AddArgs& a) {
         std::copy(seqs + k_, seqs + two_k, stream.seqs.begin());
         stream.open = !(term || trunc);
     }
+    publish_counters();
 }
 
 void ReplayBuffer::sample(int64_t batch_size, const SampleOut& out) {
@@ -286,6 +278,52 @@ void ReplayBuffer::gather(int64_t begin, int64_t end, const SampleOut& out) cons
         out.terminated[i] = flags_[slot] & kTerminated ? 1 : 0;
         out.truncated[i] = flags_[slot] & kTruncated ? 1 : 0;
     }
+}
+
+BufferState ReplayBuffer::state() const {
+    BufferState s;
+    s.next_seq = store_.next_seq();
+    s.head = index_.head();
+    s.tail = index_.tail();
+    std::copy(rng_.state(), rng_.state() + 4, s.rng);
+    s.streams = index_.streams();
+    return s;
+}
+
+std::vector<RawArray> ReplayBuffer::arrays(int64_t next_seq, int64_t head) {
+    const uint64_t frames = uint64_t(std::clamp<int64_t>(next_seq, 0, int64_t(store_.capacity())));
+    const uint64_t rows = uint64_t(std::clamp<int64_t>(head, 0, int64_t(config_.capacity)));
+    return {
+        {"frames", store_.data(), frames * store_.frame_bytes()},
+        {"slots", reinterpret_cast<uint8_t*>(index_.slots_data()), rows * 2 * k_ * sizeof(uint32_t)},
+        {"oldest", reinterpret_cast<uint8_t*>(index_.oldest_data()), rows * sizeof(int64_t)},
+        {"actions", actions_.data(), rows * config_.action_bytes},
+        {"rewards", reinterpret_cast<uint8_t*>(rewards_.data()), rows * sizeof(float)},
+        {"flags", flags_.data(), rows},
+    };
+}
+
+void ReplayBuffer::restore(const BufferState& s) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    require(index_.head() == 0 && store_.next_seq() == 0, "restore needs a buffer that has never been added to");
+    index_.check(s.head, s.tail, s.streams, s.next_seq);
+    for (int64_t id = s.tail; id < s.head; ++id) {
+        const uint64_t slot = index_.slot_of(id);
+        const uint8_t flags = flags_[slot];
+        require(flags < 8, "transition " + std::to_string(id) + " has unknown flags");
+        // A shift transition's next_obs reuses obs frames 1..k-1 (window mode relies on it).
+        const uint32_t* f = index_.frames_of(slot);
+        if (flags & kShift) {
+            require(std::equal(f + 1, f + k_, f + k_),
+                    "transition " + std::to_string(id) + " is marked as a shift but its frames are not");
+        }
+    }
+    // xoshiro's all-zero state is a fixed point: sampling would never return.
+    require(s.rng[0] | s.rng[1] | s.rng[2] | s.rng[3], "the PRNG state is all zeros");
+    index_.adopt(s.head, s.tail, s.streams);
+    store_.set_next_seq(s.next_seq);
+    rng_.set_state(s.rng);
+    publish_counters();
 }
 
 }  // namespace dqn_fast

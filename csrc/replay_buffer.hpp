@@ -10,9 +10,13 @@
 // Locking: add and sample each hold `mutex_` for their whole native part
 // (the bindings release the GIL first). A sample therefore never sees a
 // half-written add, and no frame it gathers can be overwritten under it.
-// Nothing else in the core locks.
+// Saving holds it (lock()) while the arrays are written out, so the file is
+// one consistent snapshot. Nothing else in the core locks: size() and the
+// counters read copies published at the end of each add, so they never wait
+// behind a save (which runs Python while it holds the mutex).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -21,6 +25,7 @@
 #include "episode_index.hpp"
 #include "frame_layout.hpp"
 #include "frame_store.hpp"
+#include "persistence.hpp"
 #include "sampler.hpp"
 
 namespace dqn_fast {
@@ -69,14 +74,26 @@ public:
     // Frames the store holds for a given config (capacity + reserve).
     static uint64_t frame_capacity_for(const BufferConfig& config);
 
-    uint64_t size() const;
-    int64_t total_adds() const;      // transitions ever added (next id)
-    int64_t frames_written() const;  // frames ever stored
+    uint64_t size() const { return size_.load(); }
+    int64_t total_adds() const { return total_adds_.load(); }          // transitions ever added (next id)
+    int64_t frames_written() const { return frames_written_.load(); }  // frames ever stored
     uint64_t capacity() const { return config_.capacity; }
     uint64_t frame_capacity() const { return store_.capacity(); }
     int num_envs() const { return config_.num_envs; }
     uint64_t nbytes() const;
     const BufferConfig& config() const { return config_; }
+
+    // Persistence. A saver holds lock() around state() and arrays(). A loader
+    // writes a fresh buffer's arrays(next_seq, head) in place, then calls
+    // restore(), which checks every invariant before taking the state.
+    std::unique_lock<std::mutex> lock() const { return std::unique_lock<std::mutex>(mutex_); }
+    BufferState state() const;
+    // The arrays, each cut to the rows written by the time the counters reach
+    // (next_seq, head): a ring's prefix until it first wraps, then all of it.
+    std::vector<RawArray> arrays(int64_t next_seq, int64_t head);
+    // Throws std::invalid_argument (and changes nothing) unless the state is
+    // consistent with the arrays; requires a buffer that has never been added to.
+    void restore(const BufferState& state);
 
 private:
     enum Flag : uint8_t { kTerminated = 1, kTruncated = 2, kShift = 4 };
@@ -95,6 +112,7 @@ private:
     void push_frames(const uint8_t* obs, uint64_t runs, int64_t* seqs);
     void prefetch_item(const uint32_t* frames, bool window) const;
     void gather(int64_t begin, int64_t end, const SampleOut& out) const;
+    void publish_counters();
 
     BufferConfig config_;
     int k_;
@@ -109,6 +127,8 @@ private:
     std::vector<uint8_t> scratch_;  // two frames, for channel-last stacks
     std::unique_ptr<WorkerPool> pool_;
     mutable std::mutex mutex_;
+    std::atomic<uint64_t> size_{0};
+    std::atomic<int64_t> total_adds_{0}, frames_written_{0};
 };
 
 }  // namespace dqn_fast

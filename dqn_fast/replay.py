@@ -17,6 +17,9 @@ What the buffer promises (checked against ``tests/reference.py``):
 * Sampling is uniform with replacement, from a seeded per-buffer PRNG in C++.
 * ``add`` and ``sample_into`` release the GIL; they may run on different
   threads at once.
+* ``save``/``load`` write and read the whole state (frames, index, counters,
+  PRNG), so a loaded buffer samples and adds exactly as the saved one would
+  have. The file format and its checks are in ``dqn_fast/replay_file.py``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ except ImportError as exc:  # pragma: no cover - depends on how it was installed
         f"when the source folder shadows the installed package): {exc}"
     ) from exc
 
-__all__ = ["Batch", "ReplayBuffer"]
+from . import replay_file  # noqa: E402 - needs _core
+from .replay_file import ReplayFileError  # noqa: E402
+
+__all__ = ["Batch", "ReplayBuffer", "ReplayFileError"]
 
 # Default share of extra frame slots for episode starts. An episode start
 # stores one extra frame with reset padding, two with zero padding; 4.4%
@@ -177,6 +183,8 @@ class ReplayBuffer(_core.ReplayBufferCore):
             int(sample_threads),
         )
         self.seed = int(seed)
+        self.frame_reserve = float(frame_reserve)
+        self.sample_threads = int(sample_threads)
 
     def __repr__(self) -> str:
         return (
@@ -268,6 +276,21 @@ class ReplayBuffer(_core.ReplayBufferCore):
         if len(self) == 0:
             raise ValueError("cannot sample from an empty replay buffer: add transitions first")
         return self.sample_into(self.empty_batch(batch_size, window))
+
+    # --------------------------------------------------------------- persistence
+    def save(self, path) -> None:
+        """Write the whole buffer to ``path`` atomically (see dqn_fast/replay_file.py)."""
+        replay_file.save(self, path)
+
+    @classmethod
+    def load(cls, path) -> "ReplayBuffer":
+        """A buffer read from a file written by ``save``; ``ReplayFileError`` if it is not sound."""
+        return replay_file.load(cls, path)
+
+    def __reduce__(self):
+        # Pickling (e.g. Stable-Baselines3's save_replay_buffer) goes through
+        # the same checked format, held in memory.
+        return (replay_file.from_bytes, (replay_file.to_bytes(self),))
 
 
 def _torch_dtype(dtype: np.dtype):
