@@ -36,6 +36,7 @@ HELP = {
     "torch_threads": "torch CPU threads (0: cores - 1 on small machines)",
     "log_interval": "env steps between log rows (progress.csv, TensorBoard)",
     "checkpoint_interval": "env steps between checkpoints (one is always written at the end)",
+    "save_buffer": "include the replay buffer in checkpoints, so --resume continues without refilling it",
     "eval_episodes": "episodes for `dqn-fast eval` when --episodes is not given",
     "eval_epsilon": "epsilon during evaluation",
     "resume": "continue from run_dir/checkpoint.pt if it exists",

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -61,6 +62,7 @@ class Config:
     torch_threads: int = 0  # 0: one per core, minus one for envs and sampling when there are few
     log_interval: int = 5_000
     checkpoint_interval: int = 50_000
+    save_buffer: bool = False  # checkpoints include the replay buffer (run_dir/replay.dqnf)
     eval_episodes: int = 10
     eval_epsilon: float = 0.0
     resume: bool = False
@@ -112,17 +114,19 @@ ATARI = dict(
     eval_epsilon=0.05,
 )
 
-# CartPole-v1: tuned to solve (mean eval return >= 195) well within 50k steps.
+# CartPole-v1: tuned to solve (mean eval return >= 195) within 50k steps. Final
+# policies after 50k steps, 20 greedy eval episodes: 500, 214 and 500 on seeds
+# 1-3 (2026-11-27); batch 64 with MSE gave 150 on seed 1.
 RECIPES = {
     "CartPole-v1": dict(
         total_steps=50_000,
         num_envs=1,
         buffer_size=50_000,
-        batch_size=64,
+        batch_size=128,
         learning_starts=1_000,
         train_freq=1,
         lr=1e-3,
-        loss="mse",
+        loss="huber",
         double_dqn=True,
         target_update_interval=1,
         tau=0.005,
@@ -156,6 +160,10 @@ def set_torch_threads(requested: int) -> int:
 
 def checkpoint_path(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoint.pt")
+
+
+def buffer_path(run_dir: str) -> str:
+    return os.path.join(run_dir, "replay.dqnf")
 
 
 def atomic_save(obj, path: str) -> None:
@@ -200,10 +208,17 @@ class Trainer:
         self.games = 0
         self.learning_starts = cfg.learning_starts
         self.start_updates = 0
+        self.prefetcher: Optional[Prefetcher] = None
 
     # --------------------------------------------------------------- checkpoint
     def save(self) -> None:
+        if self.cfg.save_buffer:
+            # Buffer first: a checkpoint never names a buffer file older than itself.
+            if self.prefetcher is not None:
+                self.prefetcher.barrier()
+            self.buffer.save(buffer_path(self.run_dir))
         state = {
+            "buffer_adds": self.buffer.total_adds if self.cfg.save_buffer else None,
             "config": dataclasses.asdict(self.cfg),
             "agent": self.agent.state_dict(),
             "global_step": self.global_step,
@@ -231,10 +246,26 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]["numpy"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
+        if self.cfg.save_buffer and self._restore_buffer(state.get("buffer_adds")):
+            self.learning_starts = int(state["learning_starts"])
+            self.start_updates = int(state["start_updates"])
+            return True
         # The buffer starts empty again: refill before learning resumes, and
         # keep the update schedule relative to that point.
         self.learning_starts = self.global_step + min(self.cfg.learning_starts, self.cfg.buffer_size)
         self.start_updates = self.agent.updates
+        return True
+
+    def _restore_buffer(self, expected_adds) -> bool:
+        path = buffer_path(self.run_dir)
+        if expected_adds is None or not os.path.exists(path):
+            return False
+        buffer = ReplayBuffer.load(path)
+        same = (buffer.capacity, buffer.num_envs, buffer.obs_shape) == (self.buffer.capacity, self.buffer.num_envs, self.buffer.obs_shape)
+        if not same or buffer.total_adds != expected_adds:
+            warnings.warn(f"{path} does not match the checkpoint or the config; refilling the buffer instead")
+            return False
+        self.buffer = buffer
         return True
 
     # --------------------------------------------------------------------- loop
@@ -252,7 +283,7 @@ class Trainer:
         cfg = self.cfg
         resumed = cfg.resume and self.restore()
         logger = RunLogger(self.run_dir, cfg.total_steps, self.global_step, progress=cfg.progress, log_every=cfg.log_interval)
-        prefetcher = Prefetcher(self.buffer, cfg.batch_size, self.device, cfg.prefetch_depth, cfg.window)
+        prefetcher = self.prefetcher = Prefetcher(self.buffer, cfg.batch_size, self.device, cfg.prefetch_depth, cfg.window)
         ep_return = np.zeros(cfg.num_envs)
         ep_length = np.zeros(cfg.num_envs, dtype=np.int64)
         recent: deque = deque(maxlen=20)

@@ -22,7 +22,7 @@ def test_final_observations_replace_only_the_envs_that_ended():
 def test_every_step_is_a_transition_and_episode_ends_keep_their_final_obs():
     envs = make_env("CartPole-v1", num_envs=3)
     rng = np.random.default_rng(0)
-    obs = envs.reset(seed=0)
+    envs.reset(seed=0)
     ended = 0
     for _ in range(300):
         step = envs.step(rng.integers(0, 2, size=3))
@@ -36,7 +36,6 @@ def test_every_step_is_a_transition_and_episode_ends_keep_their_final_obs():
                 assert abs(step.obs[e]).max() <= 0.05  # the obs to act on is a fresh reset
             else:
                 assert np.array_equal(step.next_obs[e], step.obs[e])
-        obs = step.obs
     assert ended > 10
     assert np.array_equal(step.game_over, step.terminated | step.truncated)
     envs.close()
@@ -52,7 +51,7 @@ def test_atari_ids_map_to_ale_rom_names():
 def test_atari_training_envs_end_episodes_on_life_loss_but_games_on_game_over():
     envs = make_env("ALE/Breakout-v5", num_envs=2, training=True)
     assert envs.obs_shape == (4, 84, 84) and envs.obs_dtype == np.uint8 and envs.frame_stack == 4
-    obs = envs.reset(seed=1)
+    envs.reset(seed=1)
     rng = np.random.default_rng(1)
     lives_lost = games = 0
     for _ in range(3000):

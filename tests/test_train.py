@@ -85,6 +85,16 @@ def test_atari_pipeline_end_to_end_with_resume_and_eval(tmp_path):
     assert -21 <= result["mean_return"] <= 21 and float(result["mean_return"]).is_integer()  # raw game score
 
 
+def test_resume_with_the_saved_buffer_learns_on_without_refilling(tmp_path):
+    first = Trainer(short_cartpole(tmp_path, total_steps=1500, save_buffer=True))
+    first.run()
+    assert (tmp_path / "replay.dqnf").exists()
+    resumed = Trainer(short_cartpole(tmp_path, total_steps=2000, save_buffer=True, resume=True))
+    summary = resumed.run()
+    assert summary["resumed"] and len(resumed.buffer) == 2000
+    assert resumed.agent.updates == first.agent.updates + 500  # one per step, no refill pause
+
+
 def test_a_crash_mid_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
     trainer = Trainer(short_cartpole(tmp_path, total_steps=300))
     trainer.run()

@@ -167,8 +167,6 @@ def bench_sample(quick: bool) -> dict:
                 "repeats_us": [x * 1e6 for x in ts],
             }
         result[f"batch_{batch}"] = row
-    del plain
-    gc.collect()
     return result
 
 
