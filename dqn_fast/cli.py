@@ -33,7 +33,7 @@ HELP = {
     "clip_rewards": "clip training rewards to their sign (raw scores are logged)",
     "prefetch_depth": "batches sampled ahead on a background thread (0: synchronous)",
     "window": "move frames as a k+1 frame window instead of obs + next_obs",
-    "torch_threads": "torch CPU threads (0: cores - 1 on small machines)",
+    "torch_threads": "torch CPU threads (0: measure updates with 1..cores threads now and then and keep the fastest)",
     "log_interval": "env steps between log rows (progress.csv, TensorBoard)",
     "checkpoint_interval": "env steps between checkpoints (one is always written at the end)",
     "save_buffer": "include the replay buffer in checkpoints, so --resume continues without refilling it",

@@ -59,7 +59,7 @@ class Config:
     # pipeline and runtime
     prefetch_depth: int = 2
     window: bool = True
-    torch_threads: int = 0  # 0: one per core, minus one for envs and sampling when there are few
+    torch_threads: int = 0  # 0: tuned by measuring updates (ThreadTuner)
     log_interval: int = 5_000
     checkpoint_interval: int = 50_000
     save_buffer: bool = False  # checkpoints include the replay buffer (run_dir/replay.dqnf)
@@ -135,6 +135,7 @@ RECIPES = {
         log_interval=5_000,
         checkpoint_interval=25_000,
         eval_episodes=20,
+        torch_threads=1,  # a 128-unit MLP gains nothing from more; one count keeps runs reproducible
     ),
 }
 
@@ -148,14 +149,48 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def set_torch_threads(requested: int) -> int:
-    """Learner threads. The env, the sampler and the Python loop need a core
-    too: on a small machine, torch threads that fight them for cores make a
-    Nature-CNN update several times slower."""
-    cores = os.cpu_count() or 1
-    threads = requested if requested > 0 else max(1, cores - 1 if cores <= 4 else cores - 2)
-    torch.set_num_threads(threads)
-    return threads
+class ThreadTuner:
+    """Chooses torch's CPU thread count by measuring updates, again and again.
+
+    On a quiet 2-core machine two threads make a Nature-CNN update ~1.6x
+    faster than one; when another process keeps a core busy, the second
+    thread can make it several times slower. So with `torch_threads=0` each
+    candidate count runs a few updates, the fastest (median) is kept for the
+    next `every` updates, and then the trial repeats. A fixed count skips all
+    this.
+    """
+
+    def __init__(self, requested: int, trial: int = 6, every: int = 2_000):
+        cores = os.cpu_count() or 1
+        self.candidates = [requested] if requested > 0 else sorted({1, max(1, cores - 1), cores})
+        self.trial, self.every = trial, every
+        self.times = {c: [] for c in self.candidates}
+        self.chosen = self.candidates[-1]
+        self.count = 0
+        torch.set_num_threads(self.chosen)
+
+    def _current(self) -> int:
+        cycle = len(self.candidates) * self.trial + self.every
+        phase = self.count % cycle
+        return self.candidates[phase // self.trial] if phase < len(self.candidates) * self.trial else self.chosen
+
+    def run(self, update):
+        """Runs update() under the thread count due now; returns its result."""
+        if len(self.candidates) == 1:
+            return update()
+        threads = self._current()
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        result = update()
+        trial = self.count % (len(self.candidates) * self.trial + self.every) < len(self.candidates) * self.trial
+        if trial:
+            self.times[threads].append(time.perf_counter() - start)
+            if all(len(t) >= self.trial for t in self.times.values()):
+                self.chosen = min(self.candidates, key=lambda c: float(np.median(self.times[c])))
+                self.times = {c: [] for c in self.candidates}
+        self.count += 1
+        return result
 
 
 def checkpoint_path(run_dir: str) -> str:
@@ -190,7 +225,8 @@ class Trainer:
         self.run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.env.replace('/', '_')}__{cfg.seed}")
         os.makedirs(self.run_dir, exist_ok=True)
         self.device = resolve_device(cfg.device)
-        self.threads = set_torch_threads(cfg.torch_threads)
+        # Timing updates only means something where they run synchronously.
+        self.threads = ThreadTuner(cfg.torch_threads if self.device.type == "cpu" else max(1, cfg.torch_threads))
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
@@ -313,7 +349,7 @@ class Trainer:
 
                 for _ in range(self.updates_due()):
                     b = prefetcher.next()
-                    losses.append(self.agent.update(b.obs, b.action, b.reward, b.next_obs, b.terminated))
+                    losses.append(self.threads.run(lambda: self.agent.update(b.obs, b.action, b.reward, b.next_obs, b.terminated)))
 
                 if logger.due(self.global_step) or self.global_step >= cfg.total_steps:
                     elapsed = time.perf_counter() - start
@@ -349,7 +385,7 @@ class Trainer:
             "replay_share": (replay_seconds + prefetcher.wait_seconds) / max(elapsed, 1e-9),
             "resumed": bool(resumed),
             "checkpoint": checkpoint_path(self.run_dir),
-            "torch_threads": self.threads,
+            "torch_threads": self.threads.chosen,
             "device": str(self.device),
         }
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:

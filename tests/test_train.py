@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -138,6 +139,26 @@ def test_every_hyperparameter_has_a_flag_with_help(tmp_path):
     out = cli("train", "--help", cwd=tmp_path)
     for name in Config.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in out.stdout, name
+
+
+@pytest.mark.parametrize("slow_threads", [1, 2])
+def test_thread_tuner_keeps_the_faster_thread_count(slow_threads, monkeypatch):
+    monkeypatch.setattr(train_mod.os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        tuner = train_mod.ThreadTuner(0, trial=3, every=10)
+        assert tuner.candidates == [1, 2]
+
+        def update():
+            time.sleep(0.004 if torch.get_num_threads() == slow_threads else 0.0005)
+            return torch.get_num_threads()
+
+        used = [tuner.run(update) for _ in range(6 + 10)]
+        assert used[:6] == [1, 1, 1, 2, 2, 2]  # the trial
+        assert set(used[6:]) == {3 - slow_threads}  # then the faster count only
+        assert train_mod.ThreadTuner(3).candidates == [3]  # a fixed count is never tuned
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_recipes():
