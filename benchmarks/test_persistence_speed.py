@@ -14,16 +14,14 @@ import os
 import pytest
 
 from dqn_fast import ReplayBuffer
-from dqn_fast.bench.replay import atari_buffer, fill
+from dqn_fast.bench.replay import filled_atari_buffer
 
 CAPACITY = 50_000
 
 
 @pytest.fixture(scope="module")
 def filled():
-    buf = atari_buffer(CAPACITY, seed=0)
-    fill(buf, CAPACITY + 500)
-    return buf
+    return filled_atari_buffer(CAPACITY)
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 
 from dqn_fast import ReplayBuffer
-from dqn_fast.bench.replay import FRAME, K, AtariEnvs, atari_buffer, fill
+from dqn_fast.bench.replay import FRAME, K, AtariEnvs, atari_buffer, filled_atari_buffer, numpy_take_gather
 
 CAPACITY = 20_000
 
 
 @pytest.fixture(scope="module")
 def filled():
-    buf = atari_buffer(CAPACITY, seed=0)
-    fill(buf, CAPACITY + 500)
-    return buf
+    return filled_atari_buffer(CAPACITY)
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +28,7 @@ def plain():
 
 @pytest.mark.parametrize("batch", [32, 256])
 def test_numpy_take_reference(benchmark, plain, batch):
-    rng = np.random.default_rng(0)
-    obs = np.empty((batch, K, *FRAME), np.uint8)
-    nxt = np.empty_like(obs)
-
-    def gather():
-        idx = rng.integers(0, CAPACITY - 1, size=batch)
-        np.take(plain, idx, axis=0, out=obs, mode="clip")
-        np.take(plain, idx + 1, axis=0, out=nxt, mode="clip")
-
-    benchmark(gather)
+    benchmark(numpy_take_gather(plain, batch))
 
 
 @pytest.mark.parametrize("window", [False, True], ids=["obs_next", "window"])

@@ -76,6 +76,28 @@ def fill(buf: ReplayBuffer, n: int, seed: int = 0) -> None:
         buf.add(*envs.step())
 
 
+def filled_atari_buffer(capacity: int, seed: int = 0) -> ReplayBuffer:
+    """A single-env Atari buffer that has wrapped (full, every page touched)."""
+    buf = atari_buffer(capacity, seed=seed)
+    fill(buf, capacity + 1000, seed=seed)
+    return buf
+
+
+def numpy_take_gather(plain: np.ndarray, batch: int, seed: int = 0):
+    """The physical reference: gather the same obs and next_obs rows from a
+    plain (N, k, H, W) array with np.take into preallocated outputs."""
+    rng = np.random.default_rng(seed)
+    obs = np.empty((batch, *plain.shape[1:]), plain.dtype)
+    nxt = np.empty_like(obs)
+
+    def gather():
+        idx = rng.integers(0, len(plain) - 1, size=batch)
+        np.take(plain, idx, axis=0, out=obs, mode="clip")
+        np.take(plain, idx + 1, axis=0, out=nxt, mode="clip")
+
+    return gather
+
+
 def timed_adds(buf: ReplayBuffer, envs: AtariEnvs, steps: int, unbatched: bool) -> float:
     """Seconds spent inside buf.add over `steps` env steps (env time excluded).
 
@@ -127,23 +149,14 @@ def bench_sample(quick: bool) -> dict:
     """sample_into vs the numpy gather reference, batch 32 and 256."""
     capacity = 20_000 if quick else 100_000
     repeats = 7 if quick else 15
-    buf = atari_buffer(capacity, seed=0)
-    fill(buf, capacity + 1000)
+    buf = filled_atari_buffer(capacity)
     plain = np.empty((capacity, K, *FRAME), np.uint8)
     plain[:] = np.arange(256, dtype=np.uint8)[:FRAME[1]]  # touch every page
-    rng = np.random.default_rng(0)
     result = {}
     for batch in (32, 256):
         out = buf.empty_batch(batch)
         window = buf.empty_batch(batch, window=True)
-        obs_ref = np.empty((batch, K, *FRAME), np.uint8)
-        next_ref = np.empty_like(obs_ref)
-
-        def numpy_gather():
-            idx = rng.integers(0, capacity - 1, size=batch)
-            np.take(plain, idx, axis=0, out=obs_ref, mode="clip")
-            np.take(plain, idx + 1, axis=0, out=next_ref, mode="clip")
-
+        numpy_gather = numpy_take_gather(plain, batch)
         calls = max(3, 2000 // batch)
         times = interleaved(
             {
