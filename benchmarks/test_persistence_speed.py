@@ -32,6 +32,8 @@ def saved(filled, tmp_path_factory):
 
 
 def report(benchmark, path, what, extra_bytes=None):
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
+        return
     size = os.path.getsize(path)
     gbps = size / benchmark.stats.stats.median / 1e9
     benchmark.extra_info.update({"file_bytes": size, "GB/s": round(gbps, 3)})
