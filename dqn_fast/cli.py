@@ -45,7 +45,7 @@ HELP = {
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
-    from .train import Config
+    from .config import Config
 
     p = sub.add_parser("train", help="train a DQN", description="Train a DQN. Defaults come from the env's recipe.")
     for f in dataclasses.fields(Config):
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     if args.command == "train":
-        from .train import Config, train
+        from .config import Config
+        from .train import train
 
         overrides = {k: v for k, v in vars(args).items() if k != "command"}
         summary = train(Config.for_env(overrides.pop("env") or "CartPole-v1", **overrides))
