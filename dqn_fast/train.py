@@ -48,8 +48,9 @@ class ThreadTuner:
     this.
     """
 
-    def __init__(self, requested: int, trial: int = 6, every: int = 2_000):
+    def __init__(self, requested: int, trial: int = 6, every: int = 2_000, clock=time.perf_counter):
         cores = os.cpu_count() or 1
+        self.clock = clock
         self.candidates = [requested] if requested > 0 else sorted({1, max(1, cores - 1), cores})
         self.trial, self.every = trial, every
         self.times = {c: [] for c in self.candidates}
@@ -69,11 +70,11 @@ class ThreadTuner:
         threads = self._current()
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        start = time.perf_counter()
+        start = self.clock()
         result = update()
         trial = self.count % (len(self.candidates) * self.trial + self.every) < len(self.candidates) * self.trial
         if trial:
-            self.times[threads].append(time.perf_counter() - start)
+            self.times[threads].append(self.clock() - start)
             if all(len(t) >= self.trial for t in self.times.values()):
                 self.chosen = min(self.candidates, key=lambda c: float(np.median(self.times[c])))
                 self.times = {c: [] for c in self.candidates}

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -145,17 +144,19 @@ def test_every_hyperparameter_has_a_flag_with_help(tmp_path):
 def test_thread_tuner_keeps_the_faster_thread_count(slow_threads, monkeypatch):
     monkeypatch.setattr(train_mod.os, "cpu_count", lambda: 2)
     before = torch.get_num_threads()
+    now = [0.0]  # a fake clock: updates take 4 units with the slow count, 1 otherwise
     try:
-        tuner = train_mod.ThreadTuner(0, trial=3, every=10)
+        tuner = train_mod.ThreadTuner(0, trial=3, every=10, clock=lambda: now[0])
         assert tuner.candidates == [1, 2]
 
         def update():
-            time.sleep(0.004 if torch.get_num_threads() == slow_threads else 0.0005)
+            now[0] += 4.0 if torch.get_num_threads() == slow_threads else 1.0
             return torch.get_num_threads()
 
-        used = [tuner.run(update) for _ in range(6 + 10)]
+        used = [tuner.run(update) for _ in range(6 + 10 + 6)]
         assert used[:6] == [1, 1, 1, 2, 2, 2]  # the trial
-        assert set(used[6:]) == {3 - slow_threads}  # then the faster count only
+        assert set(used[6:16]) == {3 - slow_threads}  # then the faster count only
+        assert used[16:] == [1, 1, 1, 2, 2, 2]  # and the trial again
         assert train_mod.ThreadTuner(3).candidates == [3]  # a fixed count is never tuned
     finally:
         torch.set_num_threads(before)
