@@ -31,8 +31,8 @@ class EnvError(ValueError):
 
 @dataclass
 class StepResult:
-    obs: np.ndarray  # what to act on next (reset obs where an episode ended)
-    next_obs: np.ndarray  # what to store as next_obs (true final obs where it ended)
+    obs: np.ndarray  # what to act on next (reset obs where the env was reset)
+    next_obs: np.ndarray  # what to store as next_obs (true final obs where it was reset)
     reward: np.ndarray  # raw env reward
     terminated: np.ndarray
     truncated: np.ndarray
@@ -89,15 +89,18 @@ class VecEnv:
     def step(self, actions: np.ndarray) -> StepResult:
         obs, reward, terminated, truncated, info = self.env.step(actions)
         terminated, truncated = np.asarray(terminated, bool), np.asarray(truncated, bool)
-        done = terminated | truncated
-        game_over = done
+        game_over = terminated | truncated
         if self._lives is not None and "lives" in info:
-            # A life lost ends a training episode; the game is over when the
-            # env starts a new one (lives back up) or for games without lives.
+            # A life lost ends a training episode but not the game: ale-py
+            # does not reset that env, the obs it returns is the true next
+            # obs, and its info["final_obs"] row is stale. The game is over
+            # (and the env reset) when lives go back up, or for games
+            # without lives.
             lives = np.asarray(info["lives"])
             game_over = truncated | (terminated & (lives >= self._lives))
             self._lives = lives.copy()
-        return StepResult(obs, final_observations(obs, done, info), np.asarray(reward, np.float64), terminated, truncated, game_over)
+        next_obs = final_observations(obs, game_over, info)
+        return StepResult(obs, next_obs, np.asarray(reward, np.float64), terminated, truncated, game_over)
 
     def close(self) -> None:
         self.env.close()

@@ -51,13 +51,20 @@ def test_atari_ids_map_to_ale_rom_names():
 def test_atari_training_envs_end_episodes_on_life_loss_but_games_on_game_over():
     envs = make_env("ALE/Breakout-v5", num_envs=2, training=True)
     assert envs.obs_shape == (4, 84, 84) and envs.obs_dtype == np.uint8 and envs.frame_stack == 4
-    envs.reset(seed=1)
+    obs = envs.reset(seed=1)
     rng = np.random.default_rng(1)
     lives_lost = games = 0
     for _ in range(3000):
         step = envs.step(rng.integers(0, envs.n_actions, size=2))
-        lives_lost += int((step.terminated & ~step.game_over).sum())
+        life_lost = step.terminated & ~step.game_over
+        lives_lost += int(life_lost.sum())
         games += int(step.game_over.sum())
+        # Every transition, life losses and game overs included, is obs
+        # shifted by one frame: the stored next_obs is the true next obs.
+        assert (step.next_obs[:, :3] == obs[:, 1:]).all()
+        # After a lost life the game goes on: the next obs continues the stream.
+        assert (step.obs[life_lost] == step.next_obs[life_lost]).all()
+        obs = step.obs
         if games >= 1:
             break
     assert games >= 1 and lives_lost >= 4  # Breakout: 5 lives per game
