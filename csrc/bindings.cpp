@@ -103,7 +103,8 @@ public:
             action_a = per_env(action, action_dtype_, action_shape_, "action", "action_dtype");
             action_p = action_a.data();
         }
-        const float* reward_p = scalar_float(reward, reward_f) ? &reward_f : nullptr;
+        // Scalars stand for one env only: the core reads num_envs values.
+        const float* reward_p = ne == 1 && scalar_float(reward, reward_f) ? &reward_f : nullptr;
         if (!reward_p) {
             reward_a = per_env(reward, py::dtype::of<float>(), {}, "reward", "float32");
             reward_p = static_cast<const float*>(reward_a.data());
@@ -272,7 +273,7 @@ private:
 
     // Episode-end flags: bools (or 0/1 integers), one per env.
     const uint8_t* flag(py::handle h, uint8_t& value, py::array& keep, const char* name) const {
-        if (h.ptr() == Py_True || h.ptr() == Py_False) {
+        if (core_->num_envs() == 1 && (h.ptr() == Py_True || h.ptr() == Py_False)) {
             value = h.ptr() == Py_True;
             return &value;
         }

@@ -109,7 +109,9 @@ public:
             const EnvStream& s = streams[e];
             if (s.seqs.size() != size_t(k_)) fail("env " + str(e) + "'s stream must hold " + str(k_) + " frames");
             if (!s.open) continue;
-            bool ok = s.seqs[0] >= 0 && s.seqs[k_ - 1] < next_seq;
+            // A stream continues its env's transitions: never older frames
+            // than they name (eviction relies on per-env order).
+            bool ok = s.seqs[0] >= last_oldest[e] && s.seqs[k_ - 1] < next_seq;
             for (int j = 1; j < k_; ++j) ok = ok && s.seqs[j - 1] <= s.seqs[j];
             if (!ok) fail("env " + str(e) + "'s open stream names frames that were not written in order");
         }

@@ -178,7 +178,7 @@ def _read(cls, f, name: str):
     buf = cls.__new__(cls)
     try:
         ReplayBuffer.__init__(buf, **config)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, MemoryError) as exc:
         raise bad(f"header: invalid config: {exc}") from None
     arrays = dict(buf._load_views(state["next_seq"], state["head"]))
     arrays["stream_open"] = np.empty(buf.num_envs, np.uint8)

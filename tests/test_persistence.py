@@ -333,7 +333,7 @@ def test_saving_while_another_thread_adds_gives_consistent_snapshots(tmp_path):
                 args = streams.step()
                 ref.add(*args)  # the reference learns first
                 buf.add(*args)
-                len(buf)  # takes the lock: must not deadlock against a save
+                len(buf)  # reads published counters: must never wait behind a save
         except Exception as exc:
             errors.append(exc)
 

@@ -51,6 +51,11 @@ def good_add(streams):
         ("terminated", np.zeros(2, np.float32), TypeError, "terminated must have dtype bool"),
         ("truncated", np.array([0, 2]), ValueError, "truncated must hold only 0/1"),
         ("truncated", np.zeros(3, bool), ValueError, r"truncated must have shape \(2,\)"),
+        # a scalar stands for one env only: with 2 envs it is a shape error
+        ("reward", 1.5, ValueError, r"reward must have shape \(2,\)"),
+        ("terminated", False, ValueError, r"terminated must have shape \(2,\)"),
+        ("truncated", True, ValueError, r"truncated must have shape \(2,\)"),
+        ("action", 3, ValueError, r"action must have shape \(2,\)"),
     ],
 )
 def test_bad_add_is_rejected_and_changes_nothing(filled, field, value, error, match):
