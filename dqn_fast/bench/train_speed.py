@@ -23,7 +23,8 @@ from .timing import median
 ENV_ID = "ALE/Pong-v5"
 
 
-def ours(steps: int, learning_starts: int = 1000, torch_threads: int = 0, num_envs: int = 4) -> dict:
+def ours(steps: int, learning_starts: int = 1000, torch_threads: int = 0, num_envs: int = 4, device: str = "cpu",
+         prefetch_depth: int = 2) -> dict:
     from ..train import Config, Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -38,6 +39,8 @@ def ours(steps: int, learning_starts: int = 1000, torch_threads: int = 0, num_en
             run_dir=run_dir,
             progress=False,
             torch_threads=torch_threads,
+            device=device,
+            prefetch_depth=prefetch_depth,
         )
         trainer = Trainer(cfg)
         summary = trainer.run()
@@ -51,7 +54,7 @@ def ours(steps: int, learning_starts: int = 1000, torch_threads: int = 0, num_en
     }
 
 
-def cleanrl_style(steps: int, learning_starts: int = 1000, seed: int = 1) -> dict:
+def cleanrl_style(steps: int, learning_starts: int = 1000, seed: int = 1, device: str = "cpu") -> dict:
     import ale_py
     import gymnasium as gym
     import torch.nn.functional as F
@@ -64,10 +67,10 @@ def cleanrl_style(steps: int, learning_starts: int = 1000, seed: int = 1) -> dic
     env = gym.make(ENV_ID, frameskip=1, repeat_action_probability=0.0)
     env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84, terminal_on_life_loss=True)
     env = gym.wrappers.FrameStackObservation(env, 4)
-    q, target = NatureCNN(4, env.action_space.n), NatureCNN(4, env.action_space.n)
+    q, target = NatureCNN(4, env.action_space.n).to(device), NatureCNN(4, env.action_space.n).to(device)
     target.load_state_dict(q.state_dict())
     optimizer = torch.optim.Adam(q.parameters(), lr=1e-4)
-    rb = SB3ReplayBuffer(learning_starts + steps, env.observation_space, env.action_space, "cpu", handle_timeout_termination=False)
+    rb = SB3ReplayBuffer(learning_starts + steps, env.observation_space, env.action_space, device, handle_timeout_termination=False)
     rng = np.random.default_rng(seed)
     obs, _ = env.reset(seed=seed)
     updates, t_start, sample_s = 0, None, 0.0
@@ -79,7 +82,7 @@ def cleanrl_style(steps: int, learning_starts: int = 1000, seed: int = 1) -> dic
             action = int(rng.integers(env.action_space.n))
         else:
             with torch.no_grad():
-                action = int(q(torch.as_tensor(obs).unsqueeze(0)).argmax(1).item())
+                action = int(q(torch.as_tensor(obs, device=device).unsqueeze(0)).argmax(1).item())
         next_obs, reward, terminated, truncated, info = env.step(action)
         rb.add(obs, next_obs, np.array([action]), np.array([np.sign(reward)]), np.array([terminated]), [info])
         obs = next_obs
@@ -99,6 +102,8 @@ def cleanrl_style(steps: int, learning_starts: int = 1000, seed: int = 1) -> dic
             updates += 1
             if updates % 1000 == 0:
                 target.load_state_dict(q.state_dict())
+    if device != "cpu":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - t_start
     env.close()
     return {"steps_per_s": steps / elapsed, "sample_share": sample_s / elapsed, "torch_threads": torch.get_num_threads(), "updates": updates}
