@@ -9,7 +9,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -26,12 +25,16 @@ namespace {
 
 using Shape = std::vector<py::ssize_t>;
 
+// Plain string building, no iostreams: a locale-free path that cannot trip
+// over a process whose libstdc++ locale state differs from ours.
 std::string shape_str(const Shape& s) {
-    std::ostringstream os;
-    os << "(";
-    for (size_t i = 0; i < s.size(); ++i) os << s[i] << (s.size() == 1 ? "," : (i + 1 < s.size() ? ", " : ""));
-    os << ")";
-    return os.str();
+    std::string out = "(";
+    for (size_t i = 0; i < s.size(); ++i) {
+        out += std::to_string(s[i]);
+        if (s.size() == 1) out += ",";
+        else if (i + 1 < s.size()) out += ", ";
+    }
+    return out + ")";
 }
 
 Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim()); }
