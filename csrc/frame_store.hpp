@@ -13,7 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
-#include <fstream>
+#include <cstdio>
 #include <memory>
 #include <new>
 #include <stdexcept>
@@ -30,12 +30,17 @@ struct AllocationError : std::runtime_error {
 // Bytes the OS says it can still give us without swapping (Linux MemAvailable,
 // falling back to physical pages); 0 when unknown.
 inline uint64_t available_memory_bytes() {
-    std::ifstream meminfo("/proc/meminfo");
-    std::string key;
-    uint64_t kib = 0;
-    std::string unit;
-    while (meminfo >> key >> kib >> unit) {
-        if (key == "MemAvailable:") return kib * 1024;
+    // stdio, not iostreams: iostreams depend on libstdc++'s locale state,
+    // which breaks where a build links its own copy of libstdc++.
+    if (FILE* f = std::fopen("/proc/meminfo", "r")) {
+        char line[256];
+        unsigned long long kib = 0;
+        bool found = false;
+        while (!found && std::fgets(line, sizeof line, f)) {
+            found = std::sscanf(line, "MemAvailable: %llu kB", &kib) == 1;
+        }
+        std::fclose(f);
+        if (found) return uint64_t(kib) * 1024;
     }
     long pages = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     return (pages > 0 && page > 0) ? uint64_t(pages) * uint64_t(page) : 0;
