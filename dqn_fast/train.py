@@ -164,7 +164,10 @@ class Trainer:
         path = checkpoint_path(self.run_dir)
         if not os.path.exists(path):
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # Loaded on the CPU: the RNG state must stay a CPU tensor, and the
+        # agent's load_state_dict copies weights to wherever its nets live,
+        # so a run saved on a GPU resumes on a CPU and the other way round.
+        state = torch.load(path, map_location="cpu", weights_only=False)
         self.agent.load_state_dict(state["agent"])
         self.global_step = int(state["global_step"])
         self.games = int(state["games"])

@@ -77,7 +77,8 @@ def collect(env, steps, buffer_size, ours_kwargs, **buffer_kwargs):
     """Random-action transitions from SB3's own DQN loop into both buffers."""
     Tee.ours_kwargs = ours_kwargs
     model = DQN("MlpPolicy" if len(env.observation_space.shape) == 1 else "CnnPolicy", env, buffer_size=buffer_size,
-                learning_starts=10**9, replay_buffer_class=Tee, replay_buffer_kwargs=buffer_kwargs, seed=0)
+                learning_starts=10**9, replay_buffer_class=Tee, replay_buffer_kwargs=buffer_kwargs, seed=0,
+                device="cpu")  # samples are compared as numpy arrays, also on a GPU machine
     model.learn(steps)
     return model.replay_buffer
 
@@ -187,7 +188,7 @@ def test_sac_and_td3_with_box_actions():
 
 def test_vec_normalize_applies_at_sample_time():
     env = VecNormalize(make_vec_env("CartPole-v1", n_envs=2, seed=0))
-    model = DQN("MlpPolicy", env, learning_starts=10**9, replay_buffer_class=sb3.ReplayBuffer, seed=0)
+    model = DQN("MlpPolicy", env, learning_starts=10**9, replay_buffer_class=sb3.ReplayBuffer, seed=0, device="cpu")
     model.learn(300)
     rb = model.replay_buffer
     twin = copy.deepcopy(rb)  # same stored transitions and sampling PRNG state
