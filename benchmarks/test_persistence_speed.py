@@ -14,14 +14,14 @@ import os
 import pytest
 
 from dqn_fast import ReplayBuffer
-from dqn_fast.bench.replay import filled_atari_buffer
+from dqn_fast.bench import peers, suite
 
 CAPACITY = 50_000
 
 
 @pytest.fixture(scope="module")
 def filled():
-    return filled_atari_buffer(CAPACITY)
+    return suite.fill_fast(peers.DqnFast, CAPACITY, "atari", seed=0).buf
 
 
 @pytest.fixture(scope="module")

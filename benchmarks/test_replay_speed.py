@@ -1,73 +1,74 @@
-"""pytest-benchmark versions of the replay figures (`dqn-fast bench` is the report).
+"""pytest-benchmark versions of `dqn-fast bench`'s replay figures, per peer.
 
-Run: pytest benchmarks/ --benchmark-group-by=param:batch
-Sampling is measured next to the physical reference, a numpy gather of the
+Run: pytest benchmarks/test_replay_speed.py --benchmark-group-by=func,param:batch
+A peer that is not installed fails its tests with what to install (nothing is
+silently dropped). Sizes are smaller than the report's (buffers of 5,000),
+and one peer lives at a time; `dqn-fast bench` interleaves and takes ratios.
+The physical reference sits beside them: memcpy and a numpy gather of the
 same obs and next_obs rows from a plain (N, 4, 84, 84) array.
 """
 
 import numpy as np
 import pytest
 
-from dqn_fast import ReplayBuffer
-from dqn_fast.bench.replay import FRAME, K, AtariEnvs, atari_buffer, filled_atari_buffer, numpy_take_gather
+from dqn_fast.bench import peers, suite
 
-CAPACITY = 20_000
-
-
-@pytest.fixture(scope="module")
-def filled():
-    return filled_atari_buffer(CAPACITY)
+CAPACITY = 5_000
+# The report's configurations: vectors with one env, no window row for vectors,
+# single-stream buffers with one env.
+SAMPLE = [(p, w) for p in peers.PEERS for w in ("atari", "vector") if not (w == "vector" and p is peers.DqnFastWindow)]
+ADD = [(p, w, n) for p, w in SAMPLE for n in (1, 8) if p.supports(n) is None and not (w == "vector" and n == 8)]
 
 
-@pytest.fixture(scope="module")
-def plain():
-    arr = np.empty((CAPACITY, K, *FRAME), np.uint8)
-    arr[:] = 1  # touch every page
-    return arr
+def peer_or_fail(cls):
+    if cls.missing():
+        pytest.fail(f"{cls.name}: {cls.missing()}")
 
 
 @pytest.mark.parametrize("batch", [32, 256])
-def test_numpy_take_reference(benchmark, plain, batch):
-    benchmark(numpy_take_gather(plain, batch))
+@pytest.mark.parametrize("peer_cls,workload", SAMPLE, ids=[f"{p.name}-{w}" for p, w in SAMPLE])
+def test_sample(benchmark, peer_cls, workload, batch):
+    peer_or_fail(peer_cls)
+    peer = suite.fill_fast(peer_cls, CAPACITY, workload, seed=1)
+    try:
+        obs = benchmark(peer.sample, batch)[0]
+        assert obs.shape[0] == batch
+    finally:
+        peer.close()
 
 
-@pytest.mark.parametrize("window", [False, True], ids=["obs_next", "window"])
-@pytest.mark.parametrize("batch", [32, 256])
-def test_sample_into(benchmark, filled, batch, window):
-    out = filled.empty_batch(batch, window=window)
-    benchmark(filled.sample_into, out)
-    assert out.ids.max() < filled.total_adds
-
-
-@pytest.mark.parametrize("batch", [32, 256])
-def test_sample_into_torch(benchmark, filled, batch):
-    pytest.importorskip("torch")
-    out = filled.empty_batch(batch, window=True, torch=True)
-    benchmark(filled.sample_into, out)
-
-
-@pytest.mark.parametrize("num_envs", [1, 8])
-def test_add_atari(benchmark, num_envs):
-    buf = atari_buffer(4000, num_envs=num_envs)
-    envs = AtariEnvs(num_envs, seed=1)
-    steps = [envs.step() for _ in range(200)]  # one stream, replayed in order
-    if num_envs == 1:
-        steps = [(o[0], int(a[0]), float(r[0]), n[0], bool(t[0]), bool(u[0])) for o, a, r, n, t, u in steps]
-    it = iter(range(0))
+@pytest.mark.parametrize("peer_cls,workload,num_envs", ADD, ids=[f"{p.name}-{w}-{n}env" for p, w, n in ADD])
+def test_add(benchmark, peer_cls, workload, num_envs):
+    peer_or_fail(peer_cls)
+    peer = suite.make(peer_cls, CAPACITY, workload, num_envs, seed=1)
+    suite.fill(peer, CAPACITY + 100 * num_envs, workload, seed=2)  # wrapped: steady state
+    step = suite.steps(suite.stream(workload, num_envs, seed=3), num_envs)
+    args = [step() for _ in range(256)]  # prepared outside the timing, replayed in order
+    it = iter(())
 
     def add_one():
         nonlocal it
-        i = next(it, None)
-        if i is None:
-            it = iter(range(len(steps)))
-            i = next(it)
-        buf.add(*steps[i])
+        a = next(it, None)
+        if a is None:
+            it = iter(args)
+            a = next(it)
+        peer.add(*a)
 
-    benchmark(add_one)
+    try:
+        benchmark(add_one)
+    finally:
+        peer.close()
 
 
-def test_add_cartpole(benchmark):
-    buf = ReplayBuffer(10_000, (4,), np.float32, seed=0)
-    obs = np.zeros(4, np.float32)
-    nxt = np.ones(4, np.float32)
-    benchmark(buf.add, obs, 0, 1.0, nxt, False, False)
+@pytest.mark.parametrize("batch", [32, 256])
+def test_numpy_take_reference(benchmark, batch):
+    plain = suite.plain_frames(CAPACITY, suite.OBS_SHAPE, np.uint8)
+    benchmark(suite.numpy_take_gather(plain, batch), batch)
+
+
+def test_memcpy_reference(benchmark):
+    src = np.ones(256 << 20, np.uint8)
+    dst = np.zeros_like(src)
+    benchmark(np.copyto, dst, src)
+    if benchmark.stats is not None:
+        benchmark.extra_info["GB/s"] = src.nbytes / benchmark.stats.stats.median / 1e9

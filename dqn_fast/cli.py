@@ -71,9 +71,10 @@ def main(argv=None) -> int:
     ev.add_argument("--epsilon", type=float, default=None, help="exploration during evaluation (default: the run's)")
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ev.add_argument("--json", action="store_true", help="end with one line of JSON")
-    bench = sub.add_parser("bench", help="run the replay benchmark: table, results.json")
-    bench.add_argument("--quick", action="store_true", help="small sizes, about a minute")
-    bench.add_argument("--out", default="bench-results", help="directory for results.json (default: %(default)s)")
+    bench = sub.add_parser("bench", help="replay buffers side by side: table, results.json, plots")
+    bench.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes (full: under 10)")
+    bench.add_argument("--out", default="bench-results", help="directory for results.json and the plots (default: %(default)s)")
+    bench.add_argument("--peers", default=None, help="comma-separated peer names to run (default: all; see dqn_fast/bench/peers.py)")
     bench.add_argument("--train", action="store_true", help="also time Atari training against a CleanRL-style loop (needs the atari and sb3 extras)")
     args = parser.parse_args(argv)
     try:
@@ -114,8 +115,14 @@ def _run(args) -> int:
             print(json.dumps(result))
     elif args.command == "bench":
         from .bench import run
+        from .bench.peers import COMPARED
 
-        run(quick=args.quick, out_dir=args.out, train=args.train)
+        only = None if args.peers is None else [p.strip() for p in args.peers.split(",") if p.strip()]
+        names = [c.name for c in COMPARED]
+        unknown = [p for p in only or [] if p not in names]
+        if unknown:
+            raise ValueError(f"--peers: unknown {unknown}; expected names from {names}")
+        run(quick=args.quick, out_dir=args.out, train=args.train, only=only)
     return 0
 
 

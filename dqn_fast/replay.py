@@ -185,6 +185,7 @@ class ReplayBuffer(_core.ReplayBufferCore):
         self.seed = int(seed)
         self.frame_reserve = float(frame_reserve)
         self.sample_threads = int(sample_threads)
+        self._views = {}  # id(out) -> (out, numpy views, data pointers): see sample_into
 
     def __repr__(self) -> str:
         return (
@@ -256,17 +257,23 @@ class ReplayBuffer(_core.ReplayBufferCore):
         in native code without the GIL. In window mode only ``out.frames`` is
         written (``obs``/``next_obs`` are views of it).
         """
+        cached = self._views.get(id(out))
+        if cached is not None and cached[0] is out and all(
+            t.data_ptr() == p for t, p in zip(cached[3], cached[2])
+        ):
+            self._sample_into(*cached[1])  # the same tensors as last time: skip ~35 us of Python
+            return out
         window = out.frames is not None
-        self._sample_into(
-            None if window else _writable_array(out.obs, "obs"),
-            None if window else _writable_array(out.next_obs, "next_obs"),
-            _writable_array(out.frames, "frames") if window else None,
-            _writable_array(out.action, "action"),
-            _writable_array(out.reward, "reward"),
-            _writable_array(out.terminated, "terminated"),
-            _writable_array(out.truncated, "truncated"),
-            _writable_array(out.ids, "ids"),
-        )
+        names = ("frames",) if window else ("obs", "next_obs")
+        fields = {n: getattr(out, n) for n in names + ("action", "reward", "terminated", "truncated", "ids")}
+        views = {n: _writable_array(x, n) for n, x in fields.items()}
+        args = [views.get(n) for n in ("obs", "next_obs", "frames", "action", "reward", "terminated", "truncated", "ids")]
+        self._sample_into(*args)
+        tensors = [x for x in fields.values() if not isinstance(x, np.ndarray)]
+        if tensors:  # torch outputs: keep their numpy views while the tensors keep their memory
+            if len(self._views) >= 16:
+                self._views.pop(next(iter(self._views)))
+            self._views[id(out)] = (out, args, [t.data_ptr() for t in tensors], tensors)
         return out
 
     def sample(self, batch_size: int, window: bool = False) -> Batch:

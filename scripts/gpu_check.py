@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from dqn_fast import ReplayBuffer
-from dqn_fast.bench.replay import AtariEnvs
+from dqn_fast.bench.streams import AtariEnvs
 from dqn_fast.prefetch import Prefetcher
 
 DEVICE = "cuda"

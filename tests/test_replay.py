@@ -210,3 +210,22 @@ def test_sample_into_torch_tensors_and_reuse():
             assert buf.sample_into(out) is out
             assert out.obs.data_ptr() == ptr  # filled in place
             assert_batch_matches(out, ref)
+
+
+def test_torch_outputs_moved_to_new_memory_are_written_there():
+    # sample_into keeps numpy views of torch outputs between calls; a tensor
+    # given new memory (set_) must be written in its new place, never the old.
+    torch = pytest.importorskip("torch")
+    cfg = StreamConfig(num_envs=1, frame_stack=4, palette=256)
+    buf, ref, _ = run(cfg, 100, adds=60, check_every=1000)
+    out = buf.empty_batch(8, torch=True)
+    buf.sample_into(out)
+    old = out.obs.clone()
+    fresh = torch.zeros_like(out.obs)
+    stale = out.obs.numpy()  # still the old memory
+    stale_copy = stale.copy()
+    out.obs.set_(fresh)
+    buf.sample_into(out)
+    assert out.obs.data_ptr() == fresh.data_ptr() and fresh.any()
+    assert_batch_matches(out, ref)
+    assert (stale == stale_copy).all() and old.shape == fresh.shape  # the old memory was left alone

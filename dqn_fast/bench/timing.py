@@ -10,25 +10,19 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import time
 from typing import Callable, Dict, List
 
 
-def interleaved(candidates: Dict[str, Callable[[], None]], calls: int, repeats: int) -> Dict[str, List[float]]:
-    """Seconds per call of each candidate, one figure per repeat.
-
-    Each candidate runs `calls` times per repeat after one warm-up call.
-    """
-    for fn in candidates.values():
+def interleaved(rounds: Dict[str, Callable[[], float]], repeats: int) -> Dict[str, List[float]]:
+    """Each candidate runs one timed round per repeat (after one warm-up round)
+    and returns its rate; rounds alternate A, B, C, A, B, C, ..."""
+    for fn in rounds.values():
         fn()
-    times: Dict[str, List[float]] = {name: [] for name in candidates}
+    rates: Dict[str, List[float]] = {name: [] for name in rounds}
     for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.perf_counter() - start) / calls)
-    return times
+        for name, fn in rounds.items():
+            rates[name].append(fn())
+    return rates
 
 
 def median(xs: List[float]) -> float:
@@ -65,3 +59,17 @@ def machine() -> dict:
     except OSError:
         pass
     return info
+
+
+def versions() -> dict:
+    """Installed versions of this project and every peer ("missing" when absent)."""
+    from importlib import metadata
+
+    out = {}
+    for dist in ("dqn-fast", "numpy", "torch", "stable-baselines3", "cpprb", "torchrl", "tensordict", "tianshou",
+                 "gymnasium", "matplotlib"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "missing"
+    return out

@@ -1,0 +1,337 @@
+"""The side-by-side replay measurements behind `dqn-fast bench`.
+
+Each peer is measured in its own child process, next to this project's
+buffer and the physical reference, interleaved (A, B, C, A, B, C, ...) so
+a burst of load elsewhere on a shared machine hits all alike; every ratio
+comes from one such window. A child process per peer also makes the memory
+figure clean: RSS growth from before the peer was built to after it was
+filled, with no other peer's arrays or allocator caches around.
+
+Per peer, Atari-shaped (84x84 uint8 frames, stack 4):
+  add       transitions/s through its add call (stream generation excluded),
+            one transition at a time (1 env) and 8 envs per call, at steady
+            state (the ring already wrapped once);
+  sample    batches/s and output GB/s for batch 32 and 256, including the
+            conversion to torch tensors, from a buffer of `capacity`;
+  memory    RSS growth per transition after filling `capacity`, the storage
+            arrays' bytes where exposed, and both projected to 1M.
+And the CartPole-sized float32 case (add 1 env, sample 32/256).
+This project alone: RSS at 1M transitions, sample_into a pinned tensor when
+CUDA is present, memcpy bandwidth on this machine.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from . import peers as P
+from .streams import FRAME, K, AtariEnvs, VectorEnvs
+from .timing import interleaved, median, rss_bytes
+
+FRAME_BYTES = FRAME[0] * FRAME[1]
+OBS_SHAPE = (K, *FRAME)
+VECTOR_SHAPE = (4,)
+
+
+def sizes(quick: bool) -> dict:
+    return dict(
+        capacity=5_000 if quick else 100_000,
+        vector_capacity=2_000 if quick else 20_000,  # per-call overhead, not size, is the point there
+        add_capacity=1_000 if quick else 5_000,
+        repeats=3 if quick else 7,
+        add_steps_1env=200 if quick else 400,
+        add_steps_8env=25 if quick else 50,
+        calls={32: 20 if quick else 40, 256: 3 if quick else 6},
+        ours_fill=50_000 if quick else 1_000_000,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+def make(cls, capacity: int, workload: str, num_envs: int, seed: int = 0) -> P.Peer:
+    shape, k = (OBS_SHAPE, K) if workload == "atari" else (VECTOR_SHAPE, 1)
+    return cls(capacity, shape, k, num_envs, seed=seed)
+
+
+def stream(workload: str, num_envs: int, seed: int):
+    return AtariEnvs(num_envs, seed) if workload == "atari" else VectorEnvs(num_envs, seed)
+
+
+def steps(envs, num_envs: int):
+    """The env's steps as the peer takes them: batched, or unbatched for one env."""
+    if num_envs == 1:
+        return lambda: P.unbatched(envs.step())
+    return envs.step
+
+
+def fill(peer: P.Peer, n: int, workload: str, seed: int) -> None:
+    step = steps(stream(workload, peer.num_envs, seed), peer.num_envs)
+    for _ in range(-(-n // peer.num_envs)):
+        peer.add(*step())
+
+
+def fill_fast(cls, capacity: int, workload: str, seed: int) -> P.Peer:
+    """A peer holding `capacity` transitions, filled through 8 envs where it takes them (faster)."""
+    n = 8 if cls.supports(8) is None else 1
+    peer = make(cls, capacity, workload, n, seed)
+    fill(peer, capacity, workload, seed)
+    return peer
+
+
+def add_round(peer: P.Peer, envs, n_steps: int) -> Callable[[], float]:
+    step = steps(envs, peer.num_envs)
+
+    def run() -> float:
+        add, clock, spent = peer.add, time.perf_counter, 0.0
+        for _ in range(n_steps):
+            args = step()
+            start = clock()
+            add(*args)
+            spent += clock() - start
+        return n_steps * peer.num_envs / spent
+
+    return run
+
+
+def sample_round(sample: Callable[[int], object], batch: int, calls: int) -> Callable[[], float]:
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            sample(batch)
+        return calls / (time.perf_counter() - start)
+
+    return run
+
+
+def numpy_take_gather(plain: np.ndarray, batch: int, seed: int = 0):
+    """The physical reference: the same obs and next_obs rows gathered from a
+    plain (N, k, H, W) array with np.take into preallocated outputs."""
+    rng = np.random.default_rng(seed)
+    obs = np.empty((batch, *plain.shape[1:]), plain.dtype)
+    nxt = np.empty_like(obs)
+
+    def gather(_batch=batch):
+        idx = rng.integers(0, len(plain) - 1, size=batch)
+        np.take(plain, idx, axis=0, out=obs, mode="clip")
+        np.take(plain, idx + 1, axis=0, out=nxt, mode="clip")
+
+    return gather
+
+
+def plain_frames(n: int, shape: tuple, dtype) -> np.ndarray:
+    a = np.empty((n, *shape), dtype)
+    a[:] = 1  # touch every page
+    return a
+
+
+def ratio_summary(rates: Dict[str, list], peer: str, ours: str = "ours") -> dict:
+    """Median rate and the median of per-repeat ratios ours/peer (how many times faster we are)."""
+    out = {
+        "per_s": median(rates[peer]),
+        "repeats": rates[peer],
+        "dqn_fast_per_s": median(rates[ours]),
+        "dqn_fast_repeats": rates[ours],
+    }
+    out["dqn_fast_speedup"] = median([o / p for o, p in zip(rates[ours], rates[peer])])
+    return out
+
+
+# --------------------------------------------------------------------------- one peer, in a child
+def measure_peer(name: str, s: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(1)  # conversions only; keeps the other core for the sampler threads
+    cls = P.BY_NAME[name]
+    result: dict = {"exactness": cls.exactness}
+    atari, vector = {}, {}
+    result["atari"], result["vector"] = atari, vector
+
+    clock = time.perf_counter()
+    phases = result["phase_seconds"] = {}
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[name] = round(now - clock, 2)
+        clock = now
+
+    # memory: RSS growth from before construction to after filling `capacity`,
+    # once a small instance has imported and warmed up everything the peer uses
+    warm = fill_fast(cls, 64, "atari", seed=0)
+    warm.sample(8)
+    warm.close()
+    del warm
+    gc.collect()
+    before = rss_bytes()
+    peer = fill_fast(cls, s["capacity"], "atari", seed=1)
+    grown = rss_bytes() - before
+    stored = peer.nbytes()
+    atari["memory"] = {
+        "filled": s["capacity"],
+        "rss_bytes_per_transition": grown / s["capacity"],
+        "storage_bytes_per_transition": None if stored is None else stored / s["capacity"],
+        "projected_1M_gb": grown / s["capacity"] * 1e6 / 1e9,
+    }
+
+    phase("fill")
+    # sample, interleaved with ours and the numpy gather reference
+    ours = peer if cls is P.DqnFast else fill_fast(P.DqnFast, s["capacity"], "atari", seed=2)
+    plain = plain_frames(s["capacity"], OBS_SHAPE, np.uint8)
+    for batch in (32, 256):
+        fns = {"ours": sample_round(ours.sample, batch, s["calls"][batch]),
+               "numpy_take": sample_round(numpy_take_gather(plain, batch), batch, s["calls"][batch])}
+        if cls is not P.DqnFast:
+            fns["peer"] = sample_round(peer.sample, batch, s["calls"][batch])
+        else:  # this project also: the k+1 frame window, obs and next_obs being views of it
+            window = ours.buf.empty_batch(batch, window=True, torch=True)
+            fns["window"] = sample_round(lambda _b, w=window, buf=ours.buf: buf.sample_into(w), batch, s["calls"][batch])
+        rates = interleaved(fns, s["repeats"])
+        row = ratio_summary(rates, "peer" if "peer" in rates else "ours")
+        frames = 2 * K  # obs + next_obs, as handed to the learner
+        row["out_gb_per_s"] = row["per_s"] * batch * frames * FRAME_BYTES / 1e9
+        row["numpy_take_per_s"] = median(rates["numpy_take"])
+        row["numpy_take_out_gb_per_s"] = row["numpy_take_per_s"] * batch * frames * FRAME_BYTES / 1e9
+        if "window" in rates:
+            row["window_per_s"] = median(rates["window"])
+            row["window_repeats"] = rates["window"]
+            row["window_out_gb_per_s"] = row["window_per_s"] * batch * (K + 1) * FRAME_BYTES / 1e9
+        atari[f"sample_{batch}"] = row
+    peer.close()
+    del peer, ours, plain
+    gc.collect()
+
+    phase("sample")
+    # add at steady state: small rings already wrapped once
+    for n, steps in ((1, s["add_steps_1env"]), (8, s["add_steps_8env"])):
+        if cls.supports(n):
+            atari[f"add_{n}env"] = {"not_applicable": cls.supports(n)}
+            continue
+        atari[f"add_{n}env"] = add_window(cls, "atari", n, steps, s)
+
+    phase("add")
+    # the CartPole-sized case: Python overhead per call dominates
+    vector["add_1env"] = add_window(cls, "vector", 1, s["add_steps_1env"] * 4, s)
+    phase("vector_add")
+    v_peer = fill_fast(cls, s["vector_capacity"], "vector", seed=1)
+    v_ours = v_peer if cls is P.DqnFast else fill_fast(P.DqnFast, s["vector_capacity"], "vector", seed=2)
+    for batch in (32, 256):
+        fns = {"ours": sample_round(v_ours.sample, batch, 4 * s["calls"][batch])}
+        if cls is not P.DqnFast:
+            fns["peer"] = sample_round(v_peer.sample, batch, 4 * s["calls"][batch])
+        rates = interleaved(fns, s["repeats"])
+        vector[f"sample_{batch}"] = ratio_summary(rates, "peer" if "peer" in rates else "ours")
+    v_peer.close()
+    phase("vector_sample")
+    return result
+
+
+def add_window(cls, workload: str, n: int, steps: int, s: dict) -> dict:
+    peers_ = {"peer": make(cls, s["add_capacity"], workload, n, seed=3)}
+    if cls is not P.DqnFast:
+        peers_["ours"] = make(P.DqnFast, s["add_capacity"], workload, n, seed=4)
+    fns = {}
+    for i, (role, peer) in enumerate(peers_.items()):
+        fill(peer, s["add_capacity"] + 100 * n, workload, seed=5 + i)  # wrapped: steady state
+        fns[role] = add_round(peer, stream(workload, n, seed=7 + i), steps)
+    rates = interleaved(fns, s["repeats"])
+    for peer in peers_.values():
+        peer.close()
+    return ratio_summary(rates, "peer", "ours" if "ours" in rates else "peer")
+
+
+# --------------------------------------------------------------------------- this project alone
+def measure_ours(s: dict) -> dict:
+    import torch
+
+    out: dict = {}
+    # memcpy bandwidth: bytes copied per second, 256 MB arrays (beyond any cache)
+    src = np.ones(256 << 20, np.uint8)
+    dst = np.zeros_like(src)
+    rates = []
+    for _ in range(max(3, s["repeats"])):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        rates.append(src.nbytes / (time.perf_counter() - start) / 1e9)
+    out["memcpy_gb_per_s"] = median(rates)
+    out["memcpy_repeats"] = rates
+    del src, dst
+
+    # sample_into a pinned tensor: what the CUDA prefetcher does
+    if torch.cuda.is_available():
+        buf = fill_fast(P.DqnFast, s["capacity"], "atari", seed=1).buf
+        pinned = {b: buf.empty_batch(b, window=True, torch=True, pin_memory=True) for b in (32, 256)}
+        plain = {b: buf.empty_batch(b, window=True, torch=True) for b in (32, 256)}
+        for b in (32, 256):
+            rates = interleaved({"pinned": sample_round(lambda _b, o=pinned[b]: buf.sample_into(o), b, s["calls"][b]),
+                                 "pageable": sample_round(lambda _b, o=plain[b]: buf.sample_into(o), b, s["calls"][b])},
+                                s["repeats"])
+            out[f"sample_into_pinned_{b}"] = {"per_s": median(rates["pinned"]), "pageable_per_s": median(rates["pageable"]),
+                                              "repeats": rates["pinned"]}
+        del buf, pinned, plain
+    else:
+        out["sample_into_pinned"] = "needs CUDA (pinned memory); see benchmarks/results/gpu_h200.json"
+
+    # RSS at `ours_fill` transitions (1M in the full run): episodes of 100-2,000 steps
+    gc.collect()
+    before = rss_bytes()
+    probe = P.DqnFast(1_000_000, OBS_SHAPE, K, 1).buf
+    per_transition = probe.nbytes / 1_000_000
+    del probe
+    peer = fill_fast(P.DqnFast, s["ours_fill"], "atari", seed=4)
+    grown = rss_bytes() - before
+    out["memory"] = {
+        "filled": s["ours_fill"],
+        "len": len(peer.buf),
+        "rss_growth_gb": grown / 1e9,
+        "rss_bytes_per_transition": grown / s["ours_fill"],
+        "nbytes_per_transition_1M": per_transition,
+        "frame_bytes": FRAME_BYTES,
+    }
+    return out
+
+
+# --------------------------------------------------------------------------- orchestration
+def _child(fn, *args) -> dict:
+    try:
+        return fn(*args)
+    except Exception as exc:  # a broken peer is reported, and the run goes on
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
+def in_child(fn, *args) -> dict:
+    """Runs fn(*args) in a fresh process, so its memory is its own and is freed after."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_child, fn, *args).result()
+
+
+def run_suite(quick: bool, only: Optional[list] = None, log=print, sizes_override: Optional[dict] = None,
+              alone: bool = True) -> dict:
+    """Every peer (or those named in `only`), then this project alone."""
+    s = {**sizes(quick), **(sizes_override or {})}
+    results: dict = {"sizes": {k: v for k, v in s.items() if k != "calls"}, "peers": {}}
+    for cls in P.COMPARED:
+        if only and cls.name not in only:
+            continue
+        missing = cls.missing()
+        if missing:
+            results["peers"][cls.name] = {"missing": missing}
+            log(f"  {cls.name}: {missing}")
+            continue
+        start = time.time()
+        results["peers"][cls.name] = in_child(measure_peer, cls.name, s)
+        err = results["peers"][cls.name].get("error")
+        phases = ", ".join(f"{k} {v:.0f}" for k, v in results["peers"][cls.name].get("phase_seconds", {}).items())
+        log(f"  {cls.name}: {'ERROR ' + err if err else 'done'} ({time.time() - start:.0f} s: {phases})")
+    if not alone:
+        return results
+    start = time.time()
+    results["dqn_fast_alone"] = in_child(measure_ours, s)
+    log(f"  dqn_fast alone (memcpy, {s['ours_fill']:,}-transition fill): done ({time.time() - start:.0f} s)")
+    return results

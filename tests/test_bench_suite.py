@@ -1,0 +1,66 @@
+"""`dqn-fast bench` end to end on tiny sizes: child processes, results.json,
+the table and the plots; missing and inapplicable peers are reported."""
+
+import json
+
+import pytest
+
+from dqn_fast.bench import peers, report, run, suite
+
+TINY = dict(capacity=400, vector_capacity=200, add_capacity=100, repeats=2, add_steps_1env=20, add_steps_8env=4,
+            calls={32: 2, 256: 1}, ours_fill=500)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    only = ["dqn_fast", "SB3", "cpprb next_of+stack_compress"]
+    r = run(quick=True, out_dir=str(out), only=only, sizes_override=TINY)
+    return r, out
+
+
+def test_results_json_holds_every_figure_with_its_repeats(results):
+    r, out = results
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["suite"]["peers"].keys() == r["suite"]["peers"].keys()
+    assert saved["versions"]["numpy"] != "missing" and saved["machine"]["cpu_count"] >= 1
+    sb3 = saved["suite"]["peers"]["SB3"]["atari"]
+    for col in ("add_1env", "add_8env", "sample_32", "sample_256"):
+        fig = sb3[col]
+        assert fig["per_s"] > 0 and len(fig["repeats"]) == TINY["repeats"]
+        assert fig["dqn_fast_per_s"] > 0 and fig["dqn_fast_speedup"] > 0
+    assert sb3["memory"]["filled"] == TINY["capacity"]
+    assert sb3["memory"]["storage_bytes_per_transition"] > 2 * 4 * 84 * 84  # obs and next_obs, stacked
+    assert saved["suite"]["peers"]["SB3"]["vector"]["sample_32"]["per_s"] > 0
+    compressed = saved["suite"]["peers"]["cpprb next_of+stack_compress"]["atari"]
+    assert compressed["add_8env"] == {"not_applicable": peers.CpprbCompressed.supports(8)}
+    ours = saved["suite"]["peers"]["dqn_fast"]["atari"]["sample_32"]
+    assert ours["window_per_s"] > 0 and ours["numpy_take_per_s"] > 0
+    alone = saved["suite"]["dqn_fast_alone"]
+    assert alone["memcpy_gb_per_s"] > 0 and alone["memory"]["len"] == TINY["ours_fill"]
+
+
+def test_table_and_plots(results):
+    r, out = results
+    table = report.format_table(r)
+    for name in r["suite"]["peers"]:
+        assert name in table
+    assert "n/a" in table and "of memcpy" in table
+    for png in ("throughput.png", "memory.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_a_missing_peer_is_reported_not_dropped(monkeypatch):
+    monkeypatch.setattr(peers.Tianshou, "modules", ("no_such_module_dqn_fast",))
+    r = suite.run_suite(quick=True, only=["Tianshou"], sizes_override=TINY, log=lambda s: None, alone=False)
+    assert r["peers"] == {"Tianshou": {"missing": "not installed (pip install tianshou)"}}
+    assert "not installed (pip install tianshou)" in report.format_table(
+        {"machine": {"cpu_count": 2, "python": "3"}, "quick": True, "suite": r})
+
+
+def test_command_line_rejects_unknown_peers(capsys):
+    from dqn_fast.cli import main
+
+    assert main(["bench", "--peers", "dqn_fast,nope"]) == 2
+    assert "unknown ['nope']" in capsys.readouterr().err
