@@ -13,7 +13,7 @@ import pytest
 
 from dqn_fast.bench import peers, suite
 
-CAPACITY = 5_000
+CAPACITY = 5_000  # torch at its default thread count, as in `dqn-fast bench`
 # The report's configurations: vectors with one env, no window row for vectors,
 # single-stream buffers with one env.
 SAMPLE = [(p, w) for p in peers.PEERS for w in ("atari", "vector") if not (w == "vector" and p is peers.DqnFastWindow)]
@@ -37,25 +37,31 @@ def test_sample(benchmark, peer_cls, workload, batch):
         peer.close()
 
 
+ROUND = 64  # steps per timed round
+
+
 @pytest.mark.parametrize("peer_cls,workload,num_envs", ADD, ids=[f"{p.name}-{w}-{n}env" for p, w, n in ADD])
 def test_add(benchmark, peer_cls, workload, num_envs):
+    """Time per round of ROUND steps (divide by ROUND * num_envs for one
+    transition); each round continues the same stream, prepared untimed."""
     peer_or_fail(peer_cls)
     peer = suite.make(peer_cls, CAPACITY, workload, num_envs, seed=1)
     suite.fill(peer, CAPACITY + 100 * num_envs, workload, seed=2)  # wrapped: steady state
-    step = suite.steps(suite.stream(workload, num_envs, seed=3), num_envs)
-    args = [step() for _ in range(256)]  # prepared outside the timing, replayed in order
-    it = iter(())
+    envs = suite.stream(workload, num_envs, seed=2)  # fill's stream, continued
+    for _ in range(-(-(CAPACITY + 100 * num_envs) // num_envs)):
+        envs.step()
 
-    def add_one():
-        nonlocal it
-        a = next(it, None)
-        if a is None:
-            it = iter(args)
-            a = next(it)
-        peer.add(*a)
+    def setup():
+        return ([peer.prepare(envs.step()) for _ in range(ROUND)],), {}
+
+    def add_round(steps):
+        for a in steps:
+            peer.add(*a)
 
     try:
-        benchmark(add_one)
+        benchmark.pedantic(add_round, setup=setup, rounds=30)
+        if benchmark.stats is not None:
+            benchmark.extra_info["transitions_per_s"] = ROUND * num_envs / benchmark.stats.stats.median
     finally:
         peer.close()
 

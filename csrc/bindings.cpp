@@ -323,9 +323,9 @@ private:
         const bool ok = b < 0 ? (got.size() == item.size() + 1 && Shape(got.begin() + 1, got.end()) == item)
                               : got == prepend(b, item);
         if (!ok) {
-            throw py::value_error(std::string("out.") + name + " must have shape " +
-                                  (b < 0 ? "(batch_size, " : "(" + std::to_string(b) + ", ") +
-                                  shape_str(item).substr(1) + ", got " + shape_str(got));
+            std::string want = shape_str(prepend(b < 0 ? 0 : b, item));  // "(n, ...)" or "(n,)"
+            if (b < 0) want = "(batch_size" + want.substr(want.find_first_of(",)"));
+            throw py::value_error(std::string("out.") + name + " must have shape " + want + ", got " + shape_str(got));
         }
         if (!(a.flags() & py::array::c_style))
             throw py::value_error(std::string("out.") + name + " must be C-contiguous");

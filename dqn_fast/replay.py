@@ -98,6 +98,13 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
+_VIEW_CACHE = 4
+
+
+def _layouts(tensors) -> list:
+    return [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors]
+
+
 def _writable_array(x, name: str):
     """numpy view of an output field (torch CPU tensors share their memory)."""
     if isinstance(x, np.ndarray):
@@ -258,10 +265,8 @@ class ReplayBuffer(_core.ReplayBufferCore):
         written (``obs``/``next_obs`` are views of it).
         """
         cached = self._views.get(id(out))
-        if cached is not None and cached[0] is out and all(
-            t.data_ptr() == p for t, p in zip(cached[3], cached[2])
-        ):
-            self._sample_into(*cached[1])  # the same tensors as last time: skip ~35 us of Python
+        if cached is not None and cached[0] is out and cached[2] == _layouts(cached[3]):
+            self._sample_into(*cached[1])  # the same tensors, same memory and layout: skip ~35 us of Python
             return out
         window = out.frames is not None
         names = ("frames",) if window else ("obs", "next_obs")
@@ -270,10 +275,10 @@ class ReplayBuffer(_core.ReplayBufferCore):
         args = [views.get(n) for n in ("obs", "next_obs", "frames", "action", "reward", "terminated", "truncated", "ids")]
         self._sample_into(*args)
         tensors = [x for x in fields.values() if not isinstance(x, np.ndarray)]
-        if tensors:  # torch outputs: keep their numpy views while the tensors keep their memory
-            if len(self._views) >= 16:
-                self._views.pop(next(iter(self._views)))
-            self._views[id(out)] = (out, args, [t.data_ptr() for t in tensors], tensors)
+        if tensors:  # torch outputs: reuse their numpy views while memory and layout stay the same
+            while len(self._views) >= _VIEW_CACHE:  # a few batches (the prefetcher's slots); oldest out first
+                self._views.pop(next(iter(self._views), None), None)
+            self._views[id(out)] = (out, args, _layouts(tensors), tensors)
         return out
 
     def sample(self, batch_size: int, window: bool = False) -> Batch:

@@ -27,7 +27,7 @@ def feed(peer, envs, steps):
     pos = np.zeros(envs.n, int)
     for _ in range(steps):
         obs, action, reward, nxt, term, trunc = step = envs.step()
-        peer.add(*(peers.unbatched(step) if envs.n == 1 else step))
+        peer.add(*peer.prepare(step))
         for e in range(envs.n):
             per_env[e].append(dict(obs=obs[e].copy(), action=action[e], reward=reward[e], next_obs=nxt[e].copy(),
                                    term=bool(term[e]), trunc=bool(trunc[e]), pos=int(pos[e])))
@@ -115,13 +115,17 @@ def test_adapter_returns_the_reference_transitions_atari_shaped(cls, num_envs, s
         peer.close()
 
 
-@pytest.mark.parametrize("cls", [c for c in peers.PEERS if c is not peers.DqnFastWindow], ids=lambda c: c.name)
-def test_adapter_returns_the_reference_transitions_vectors(cls):
-    envs = VectorEnvs(1, seed=5, min_len=2, max_len=20)
-    peer = cls(50, envs.obs_shape, 1, 1, seed=1)
+VECTOR_CASES = [(cls, n) for cls in peers.PEERS if cls is not peers.DqnFastWindow for n in (1, 3)
+                if cls.supports(n) is None]
+
+
+@pytest.mark.parametrize("cls,num_envs", VECTOR_CASES, ids=[f"{c.name}-{n}env" for c, n in VECTOR_CASES])
+def test_adapter_returns_the_reference_transitions_vectors(cls, num_envs):
+    envs = VectorEnvs(num_envs, seed=5, min_len=2, max_len=20)
+    peer = cls(60, envs.obs_shape, 1, num_envs, seed=1)
     try:
-        per_env = feed(peer, envs, 120)
-        want = expected(cls, per_env, 50, 1)
+        per_env = feed(peer, envs, 120 // num_envs)
+        want = expected(cls, per_env, 60 // num_envs, 1)
         assert sampled(peer, 40 * len(want)) == want
         obs = peer.sample(4)[0]
         assert obs.shape == (4, 4) and obs.dtype == torch.float32

@@ -30,12 +30,15 @@ def test_results_json_holds_every_figure_with_its_repeats(results):
         assert fig["per_s"] > 0 and len(fig["repeats"]) == TINY["repeats"]
         assert fig["dqn_fast_per_s"] > 0 and fig["dqn_fast_speedup"] > 0
     assert sb3["memory"]["filled"] == TINY["capacity"]
-    assert sb3["memory"]["storage_bytes_per_transition"] > 2 * 4 * 84 * 84  # obs and next_obs, stacked
+    stored = sb3["memory"]["storage_bytes_per_transition"]
+    assert stored > 2 * 4 * 84 * 84  # obs and next_obs, stacked
+    assert 0.7 * stored < sb3["memory"]["rss_bytes_per_transition"] < 1.5 * stored  # RSS sees the filled arrays
     assert saved["suite"]["peers"]["SB3"]["vector"]["sample_32"]["per_s"] > 0
     compressed = saved["suite"]["peers"]["cpprb next_of+stack_compress"]["atari"]
     assert compressed["add_8env"] == {"not_applicable": peers.CpprbCompressed.supports(8)}
     ours = saved["suite"]["peers"]["dqn_fast"]["atari"]["sample_32"]
-    assert ours["window_per_s"] > 0 and ours["numpy_take_per_s"] > 0
+    assert ours["window_per_s"] > 0 and ours["numpy_take_per_s"] > 0 and ours["one_thread_per_s"] > 0
+    assert len(ours["numpy_take_repeats"]) == TINY["repeats"]
     alone = saved["suite"]["dqn_fast_alone"]
     assert alone["memcpy_gb_per_s"] > 0 and alone["memory"]["len"] == TINY["ours_fill"]
 
@@ -46,6 +49,8 @@ def test_table_and_plots(results):
     for name in r["suite"]["peers"]:
         assert name in table
     assert "n/a" in table and "of memcpy" in table
+    md = (out / "report.md").read_text()
+    assert "| **dqn_fast** |" in md and "| SB3 |" in md and md.count("\n|") >= 2 + 3 + 2 + 3
     for png in ("throughput.png", "memory.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -64,3 +69,17 @@ def test_command_line_rejects_unknown_peers(capsys):
 
     assert main(["bench", "--peers", "dqn_fast,nope"]) == 2
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_ratios_are_per_round_and_say_how_many_times_faster_we_are():
+    rates = {"ours": [100.0, 300.0, 200.0], "peer": [50.0, 100.0, 100.0]}
+    r = suite.ratio_summary(rates, "peer")
+    assert r["per_s"] == 100.0 and r["dqn_fast_per_s"] == 200.0
+    assert r["dqn_fast_speedup"] == 2.0  # median of 2, 3, 2: per round, not a ratio of medians
+
+
+def test_a_child_that_dies_is_an_error_row_not_a_crash():
+    import os
+
+    r = suite.in_child(os._exit, 3)
+    assert "died" in r["error"]

@@ -229,3 +229,17 @@ def test_torch_outputs_moved_to_new_memory_are_written_there():
     assert out.obs.data_ptr() == fresh.data_ptr() and fresh.any()
     assert_batch_matches(out, ref)
     assert (stale == stale_copy).all() and old.shape == fresh.shape  # the old memory was left alone
+
+
+def test_torch_outputs_reshaped_in_place_or_many_at_once_are_checked_and_correct():
+    pytest.importorskip("torch")
+    cfg = StreamConfig(num_envs=1, frame_stack=4, palette=256)
+    buf, ref, _ = run(cfg, 100, adds=60, check_every=1000)
+    outs = [buf.empty_batch(4 + i, torch=True) for i in range(7)]  # more than the view cache holds
+    for _ in range(3):
+        for out in outs:
+            assert_batch_matches(buf.sample_into(out), ref)
+    out = outs[-1]
+    out.action.resize_(3)  # same memory, new shape: the shape check runs again
+    with pytest.raises(ValueError, match=r"out.action must have shape \(10,\)"):
+        buf.sample_into(out)

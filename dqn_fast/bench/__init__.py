@@ -29,6 +29,8 @@ def run(quick: bool = False, out_dir: str = "bench-results", train: bool = False
     path = os.path.join(out_dir, "results.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(report.markdown(results))
     print()
     print(report.format_table(results))
     try:
@@ -36,6 +38,6 @@ def run(quick: bool = False, out_dir: str = "bench-results", train: bool = False
     except ImportError:
         plots = []
         print("\nplots skipped: matplotlib is not installed (pip install 'dqn-fast[bench]')")
-    print(f"\nresults: {path}" + "".join(f"\nplot: {p}" for p in plots))
+    print(f"\nresults: {path}, tables: {os.path.join(out_dir, 'report.md')}" + "".join(f"\nplot: {p}" for p in plots))
     print(f"({results['seconds']:.0f} s)")
     return results

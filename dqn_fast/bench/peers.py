@@ -2,11 +2,15 @@
 
 Each adapter is configured the way its project's documentation or its own
 DQN-on-Atari example recommends for frame stacks, and does what a trainer
-must do with it: `add` a step of `num_envs` transitions (batched arrays), or
-with one env one transition as a single-env loop hands it over (obs arrays
-and Python scalars, see `unbatched`), and `sample` a
+must do with it: `add` a step of `num_envs` transitions, and `sample` a
 batch as torch tensors `(obs, action, reward, next_obs, terminated)` on the
 CPU. The conversion to tensors is part of sampling: a learner needs it.
+
+`prepare` turns an env step into what the peer's own users hold when they
+call add (untimed): arrays and Python scalars from a single gymnasium env,
+batched arrays plus infos from an SB3 VecEnv, a TensorDict from a TorchRL
+collector, a Batch from a Tianshou collector. `add` is then only the
+buffer's own call.
 
 Where a peer does not return every transition exactly (episode starts and
 ends), `exactness` says how; tests/test_bench_peers.py checks each adapter
@@ -59,7 +63,11 @@ class Peer:
             return f"not applicable: one sequential stream per buffer (num_envs={num_envs})"
         return None
 
-    def add(self, obs, action, reward, next_obs, terminated, truncated) -> None:
+    def prepare(self, step) -> tuple:
+        """The arguments of `add` for one env step (obs, action, reward, next_obs, terminated, truncated)."""
+        return unbatched(step) if self.num_envs == 1 else step
+
+    def add(self, *prepared) -> None:
         raise NotImplementedError
 
     def sample(self, batch: int):
@@ -84,12 +92,13 @@ class DqnFast(Peer):
     name = "dqn_fast"
     modules = ("torch",)
 
-    def __init__(self, capacity, obs_shape, frame_stack, num_envs, seed=0, window=False):
+    def __init__(self, capacity, obs_shape, frame_stack, num_envs, seed=0, window=False, sample_threads=0):
         super().__init__(capacity, obs_shape, frame_stack, num_envs, seed)
         from ..replay import ReplayBuffer
 
         dtype = np.uint8 if self.uint8 else np.float32
-        self.buf = ReplayBuffer(capacity, obs_shape, dtype, frame_stack=frame_stack, num_envs=num_envs, seed=seed)
+        self.buf = ReplayBuffer(capacity, obs_shape, dtype, frame_stack=frame_stack, num_envs=num_envs, seed=seed,
+                                sample_threads=sample_threads)
         self.window = window and frame_stack > 1
         self.out: Dict[int, object] = {}
 
@@ -165,13 +174,14 @@ class SB3(Peer):
         self.rb = ReplayBuffer(capacity, space, spaces.Discrete(6), "cpu", n_envs=num_envs,
                                optimize_memory_usage=self.optimize, handle_timeout_termination=not self.optimize)
 
-    def add(self, obs, action, reward, next_obs, terminated, truncated):
-        if self.num_envs == 1:  # SB3 takes (n_envs, ...) arrays only
-            self.rb.add(obs[None], next_obs[None], np.array([[action]]), np.array([reward], np.float32),
-                        np.array([terminated or truncated]), [{"TimeLimit.truncated": truncated}])
-            return
+    def prepare(self, step):
+        # what SB3's off-policy loop holds: VecEnv arrays (n_envs first, also for one env) and infos
+        obs, action, reward, next_obs, terminated, truncated = step
         infos = [{"TimeLimit.truncated": bool(t)} for t in truncated]
-        self.rb.add(obs, next_obs, action.reshape(-1, 1), reward, terminated | truncated, infos)
+        return obs, next_obs, action.reshape(-1, 1), reward, terminated | truncated, infos
+
+    def add(self, *prepared):
+        self.rb.add(*prepared)
 
     def sample(self, batch):
         s = self.rb.sample(batch)
@@ -210,10 +220,7 @@ class Cpprb(Peer):
                                                 "rew": {"dtype": np.float32}, "done": {"dtype": np.bool_}})
 
     def add(self, obs, action, reward, next_obs, terminated, truncated):
-        if self.num_envs == 1:
-            self.rb.add(obs=obs, act=action, rew=reward, next_obs=next_obs, done=terminated)
-        else:
-            self.rb.add(obs=obs, act=action, rew=reward, next_obs=next_obs, done=terminated)
+        self.rb.add(obs=obs, act=action, rew=reward, next_obs=next_obs, done=terminated)
 
     def sample(self, batch):
         torch = _torch()
@@ -293,19 +300,22 @@ class TorchRL(Peer):
 
         return LazyTensorStorage(capacity)
 
-    def add(self, obs, action, reward, next_obs, terminated, truncated):
+    def prepare(self, step):
+        # what a TorchRL collector hands over: a TensorDict (one transition for one env)
         import torch
         from tensordict import TensorDict
 
-        t = torch.as_tensor
+        obs, action, reward, next_obs, terminated, truncated = (torch.from_numpy(x) for x in step)
+        td = TensorDict({"obs": obs, "action": action, "reward": reward,
+                         "next": {"obs": next_obs, "terminated": terminated, "truncated": truncated}},
+                        batch_size=[self.num_envs])
+        return (td[0] if self.num_envs == 1 else td,)
+
+    def add(self, td):
         if self.num_envs == 1:
-            self.rb.add(TensorDict({"obs": t(obs), "action": t(action), "reward": t(reward, dtype=torch.float32),
-                                    "next": {"obs": t(next_obs), "terminated": t(terminated), "truncated": t(truncated)}},
-                                   batch_size=[]))
-            return
-        self.rb.extend(TensorDict({"obs": t(obs), "action": t(action), "reward": t(reward),
-                                   "next": {"obs": t(next_obs), "terminated": t(terminated), "truncated": t(truncated)}},
-                                  batch_size=[self.num_envs]))
+            self.rb.add(td)
+        else:
+            self.rb.extend(td)
 
     def sample(self, batch):
         s = self.rb.sample(batch)
@@ -345,8 +355,8 @@ class Tianshou(Peer):
     name = "Tianshou"
     package = "tianshou"
     modules = ("tianshou",)
-    exactness = ("never samples the first stack_num-1 transitions of an episode (nor the oldest "
-                 "stack_num-1); at episode ends obs_next is obs")
+    exactness = ("obs_next is obs at episode ends and for the newest transition; in a wrapped ring the "
+                 "oldest stack_num-1 transitions are stacked with the oldest stored frame as padding")
 
     def __init__(self, capacity, obs_shape, frame_stack, num_envs, seed=0):
         super().__init__(capacity, obs_shape, frame_stack, num_envs, seed)
@@ -363,15 +373,23 @@ class Tianshou(Peer):
             self.rb = VectorReplayBuffer(capacity, num_envs, **kwargs)
         self.ids = np.arange(num_envs)
 
-    def add(self, obs, action, reward, next_obs, terminated, truncated):
+    def prepare(self, step):
+        # what Tianshou's collector hands over: a Batch (and buffer ids with several envs)
         from tianshou.data import Batch
 
         if self.num_envs == 1:
-            self.rb.add(Batch(obs=obs, act=action, rew=reward, terminated=terminated, truncated=truncated,
-                              obs_next=next_obs, info={}))
+            obs, action, reward, next_obs, terminated, truncated = unbatched(step)
+            return (Batch(obs=obs, act=action, rew=reward, terminated=terminated, truncated=truncated,
+                          obs_next=next_obs, info={}),)
+        obs, action, reward, next_obs, terminated, truncated = step
+        return (Batch(obs=obs, act=action, rew=reward, terminated=terminated, truncated=truncated,
+                      obs_next=next_obs, info=[{}] * self.num_envs),)
+
+    def add(self, batch):
+        if self.num_envs == 1:
+            self.rb.add(batch)
         else:
-            self.rb.add(Batch(obs=obs, act=action, rew=reward, terminated=terminated, truncated=truncated,
-                              obs_next=next_obs, info=[{}] * self.num_envs), buffer_ids=self.ids)
+            self.rb.add(batch, buffer_ids=self.ids)
 
     def sample(self, batch):
         torch = _torch()

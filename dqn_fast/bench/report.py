@@ -71,18 +71,21 @@ def format_table(r: dict) -> str:
 
     alone = r["suite"].get("dqn_fast_alone", {})
     ours = peers.get("dqn_fast", {}).get("atari")
-    if "error" not in alone and ours:
+    if "error" in alone:
+        lines += ["", f"dqn_fast alone: ERROR {alone['error']}"]
+    elif ours and "one_thread_per_s" in ours["sample_32"]:
         memcpy = alone["memcpy_gb_per_s"]
-        lines += ["", "The physical limit on this machine, same run", f"  memcpy (256 MB arrays)         {memcpy:6.2f} GB/s"]
+        lines += ["", "The physical limit on this machine, same run (one thread each)",
+                  f"  memcpy (256 MB arrays)  {memcpy:6.2f} GB/s"]
         for b in (32, 256):
             row = ours[f"sample_{b}"]
+            one, take = row["one_thread_out_gb_per_s"], row["numpy_take_out_gb_per_s"]
             lines.append(
-                f"  batch {b:<3}: numpy gather of the same rows {row['numpy_take_out_gb_per_s']:6.2f} GB/s; dqn_fast "
-                f"{row['out_gb_per_s']:6.2f} GB/s = {row['out_gb_per_s'] / memcpy:.0%} of memcpy, "
-                f"{row['out_gb_per_s'] / row['numpy_take_out_gb_per_s']:.2f}x the gather")
-        if "window_per_s" in ours["sample_32"]:
-            lines.append("  dqn_fast frame-window output (k+1 frames instead of 2k; obs, next_obs are views): "
-                         + ", ".join(f"batch {b} {ours[f'sample_{b}']['window_per_s']:,.0f}/s" for b in (32, 256)))
+                f"  batch {b:<3}: numpy gather of the same rows {take:5.2f} GB/s; dqn_fast on one sampling thread "
+                f"{one:5.2f} GB/s = {one / memcpy:.0%} of memcpy, {one / take:.2f}x the gather "
+                f"(default threads: {row['out_gb_per_s']:.2f} GB/s)")
+        lines.append("  dqn_fast frame-window output (k+1 frames instead of 2k; obs, next_obs are views): "
+                     + ", ".join(f"batch {b} {ours[f'sample_{b}']['window_per_s']:,.0f}/s" for b in (32, 256)))
         mem = alone["memory"]
         lines.append(f"  dqn_fast filled with {mem['filled']:,} transitions: RSS +{mem['rss_growth_gb']:.2f} GB "
                      f"({mem['rss_bytes_per_transition']:,.0f} B/transition; one frame is {mem['frame_bytes']:,} B)")
@@ -131,7 +134,8 @@ def plot(r: dict, out_dir: str) -> List[str]:
         ax.barh(names, values, color=colors)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlim(min(v for v in values if v > 0) / 3, max(values) * 8)
+        if any(v > 0 for v in values):
+            ax.set_xlim(min(v for v in values if v > 0) / 3, max(values) * 8)
         ax.set_title(title)
         for y, v in enumerate(values):
             if v > 0:
@@ -163,3 +167,45 @@ def plot(r: dict, out_dir: str) -> List[str]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def markdown(r: dict) -> str:
+    """The Atari and CartPole-sized tables as Markdown (what the README shows)."""
+    peers = {n: row for n, row in r["suite"]["peers"].items()}
+    cap = r["suite"]["sizes"]["capacity"]
+
+    def cell(fig, ours):
+        if fig is None:
+            return "-"
+        if "not_applicable" in fig:
+            return "n/a"
+        text = f"{fig['per_s']:,.0f}"
+        if "out_gb_per_s" in fig:
+            text += f" · {fig['out_gb_per_s']:.2f} GB/s"
+        return text + ("" if ours else f" ({fig['dqn_fast_speedup']:.1f}x)")
+
+    out = [f"Atari-shaped, buffers of {cap:,} (per second; in brackets: how many times faster dqn_fast was "
+           "in the same interleaved window)", "",
+           "| peer | add, 1 env | add, 8 envs | sample 32 | sample 256 | bytes / transition: RSS (arrays) | RAM at 1M |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in peers.items():
+        status = _status(row)
+        if status:
+            out.append(f"| {name} | {status} ||||||")
+            continue
+        a, ours = row["atari"], name == "dqn_fast"
+        mem = a["memory"]
+        label = f"**{name}**" if ours else name + ("" if row["exactness"] == "exact" else " \\*")
+        out.append(f"| {label} | " + " | ".join(cell(a.get(c), ours) for c, _ in ATARI_COLUMNS)
+                   + f" | {mem['rss_bytes_per_transition']:,.0f}"
+                   + ("" if mem["storage_bytes_per_transition"] is None else f" ({mem['storage_bytes_per_transition']:,.0f})")
+                   + f" | {mem['projected_1M_gb']:.1f} GB |")
+    out += ["", f"CartPole-sized (4 float32), buffers of {r['suite']['sizes']['vector_capacity']:,}", "",
+            "| peer | add, 1 env | sample 32 | sample 256 |", "|---|---:|---:|---:|"]
+    for name, row in peers.items():
+        if _status(row):
+            continue
+        v, ours = row["vector"], name == "dqn_fast"
+        out.append(f"| {'**' + name + '**' if ours else name} | "
+                   + " | ".join(cell(v.get(c), ours) for c, _ in VECTOR_COLUMNS) + " |")
+    return "\n".join(out) + "\n"

@@ -27,6 +27,7 @@ import multiprocessing
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -54,47 +55,40 @@ def sizes(quick: bool) -> dict:
 
 
 # --------------------------------------------------------------------------- helpers
-def make(cls, capacity: int, workload: str, num_envs: int, seed: int = 0) -> P.Peer:
+def make(cls, capacity: int, workload: str, num_envs: int, seed: int = 0, **kwargs) -> P.Peer:
     shape, k = (OBS_SHAPE, K) if workload == "atari" else (VECTOR_SHAPE, 1)
-    return cls(capacity, shape, k, num_envs, seed=seed)
+    return cls(capacity, shape, k, num_envs, seed=seed, **kwargs)
 
 
 def stream(workload: str, num_envs: int, seed: int):
     return AtariEnvs(num_envs, seed) if workload == "atari" else VectorEnvs(num_envs, seed)
 
 
-def steps(envs, num_envs: int):
-    """The env's steps as the peer takes them: batched, or unbatched for one env."""
-    if num_envs == 1:
-        return lambda: P.unbatched(envs.step())
-    return envs.step
-
-
 def fill(peer: P.Peer, n: int, workload: str, seed: int) -> None:
-    step = steps(stream(workload, peer.num_envs, seed), peer.num_envs)
+    envs = stream(workload, peer.num_envs, seed)
     for _ in range(-(-n // peer.num_envs)):
-        peer.add(*step())
+        peer.add(*peer.prepare(envs.step()))
 
 
-def fill_fast(cls, capacity: int, workload: str, seed: int) -> P.Peer:
+def fill_fast(cls, capacity: int, workload: str, seed: int, **kwargs) -> P.Peer:
     """A peer holding `capacity` transitions, filled through 8 envs where it takes them (faster)."""
     n = 8 if cls.supports(8) is None else 1
-    peer = make(cls, capacity, workload, n, seed)
+    peer = make(cls, capacity, workload, n, seed, **kwargs)
     fill(peer, capacity, workload, seed)
     return peer
 
 
 def add_round(peer: P.Peer, envs, n_steps: int) -> Callable[[], float]:
-    step = steps(envs, peer.num_envs)
+    """One timed round: the next `n_steps` steps of the (continuing) stream are
+    generated and prepared first, then added in one timed loop."""
 
     def run() -> float:
-        add, clock, spent = peer.add, time.perf_counter, 0.0
-        for _ in range(n_steps):
-            args = step()
-            start = clock()
-            add(*args)
-            spent += clock() - start
-        return n_steps * peer.num_envs / spent
+        args = [peer.prepare(envs.step()) for _ in range(n_steps)]
+        add = peer.add
+        start = time.perf_counter()
+        for a in args:
+            add(*a)
+        return n_steps * peer.num_envs / (time.perf_counter() - start)
 
     return run
 
@@ -146,9 +140,9 @@ def ratio_summary(rates: Dict[str, list], peer: str, ours: str = "ours") -> dict
 def measure_peer(name: str, s: dict) -> dict:
     import torch
 
-    torch.set_num_threads(1)  # conversions only; keeps the other core for the sampler threads
     cls = P.BY_NAME[name]
-    result: dict = {"exactness": cls.exactness}
+    # everyone at their defaults: torch's threads for the peers, dqn_fast's own sampler threads
+    result: dict = {"exactness": cls.exactness, "torch_threads": torch.get_num_threads()}
     atari, vector = {}, {}
     result["atari"], result["vector"] = atari, vector
 
@@ -180,30 +174,39 @@ def measure_peer(name: str, s: dict) -> dict:
     }
 
     phase("fill")
-    # sample, interleaved with ours and the numpy gather reference
-    ours = peer if cls is P.DqnFast else fill_fast(P.DqnFast, s["capacity"], "atari", seed=2)
-    plain = plain_frames(s["capacity"], OBS_SHAPE, np.uint8)
+    # sample, interleaved with ours (and, in our own row, the physical reference)
+    frames = 2 * K  # obs + next_obs, as handed to the learner
+    extra = {}
+    if cls is P.DqnFast:
+        ours = peer
+        # the same stream in a buffer sampling on one thread, against single-threaded
+        # numpy and memcpy; and a plain (N, 4, 84, 84) array for the numpy gather
+        extra["one_thread"] = fill_fast(P.DqnFast, s["capacity"], "atari", seed=1, sample_threads=1)
+        extra["plain"] = plain_frames(s["capacity"], OBS_SHAPE, np.uint8)
+        result["sample_threads"] = ours.buf.sample_threads
+    else:
+        ours = fill_fast(P.DqnFast, s["capacity"], "atari", seed=2)
     for batch in (32, 256):
-        fns = {"ours": sample_round(ours.sample, batch, s["calls"][batch]),
-               "numpy_take": sample_round(numpy_take_gather(plain, batch), batch, s["calls"][batch])}
+        calls = s["calls"][batch]
+        fns = {"ours": sample_round(ours.sample, batch, calls)}
         if cls is not P.DqnFast:
-            fns["peer"] = sample_round(peer.sample, batch, s["calls"][batch])
-        else:  # this project also: the k+1 frame window, obs and next_obs being views of it
+            fns["peer"] = sample_round(peer.sample, batch, calls)
+        else:  # this project also: the k+1 frame window (obs and next_obs are views of it)
             window = ours.buf.empty_batch(batch, window=True, torch=True)
-            fns["window"] = sample_round(lambda _b, w=window, buf=ours.buf: buf.sample_into(w), batch, s["calls"][batch])
+            fns["window"] = sample_round(lambda _b, w=window, buf=ours.buf: buf.sample_into(w), batch, calls)
+            fns["one_thread"] = sample_round(extra["one_thread"].sample, batch, calls)
+            fns["numpy_take"] = sample_round(numpy_take_gather(extra["plain"], batch), batch, calls)
         rates = interleaved(fns, s["repeats"])
         row = ratio_summary(rates, "peer" if "peer" in rates else "ours")
-        frames = 2 * K  # obs + next_obs, as handed to the learner
         row["out_gb_per_s"] = row["per_s"] * batch * frames * FRAME_BYTES / 1e9
-        row["numpy_take_per_s"] = median(rates["numpy_take"])
-        row["numpy_take_out_gb_per_s"] = row["numpy_take_per_s"] * batch * frames * FRAME_BYTES / 1e9
-        if "window" in rates:
-            row["window_per_s"] = median(rates["window"])
-            row["window_repeats"] = rates["window"]
-            row["window_out_gb_per_s"] = row["window_per_s"] * batch * (K + 1) * FRAME_BYTES / 1e9
+        for name, nframes in (("window", K + 1), ("one_thread", frames), ("numpy_take", frames)):
+            if name in rates:
+                row[f"{name}_per_s"] = median(rates[name])
+                row[f"{name}_repeats"] = rates[name]
+                row[f"{name}_out_gb_per_s"] = row[f"{name}_per_s"] * batch * nframes * FRAME_BYTES / 1e9
         atari[f"sample_{batch}"] = row
     peer.close()
-    del peer, ours, plain
+    del peer, ours, extra
     gc.collect()
 
     phase("sample")
@@ -231,14 +234,14 @@ def measure_peer(name: str, s: dict) -> dict:
     return result
 
 
-def add_window(cls, workload: str, n: int, steps: int, s: dict) -> dict:
+def add_window(cls, workload: str, n: int, n_steps: int, s: dict) -> dict:
     peers_ = {"peer": make(cls, s["add_capacity"], workload, n, seed=3)}
     if cls is not P.DqnFast:
         peers_["ours"] = make(P.DqnFast, s["add_capacity"], workload, n, seed=4)
     fns = {}
     for i, (role, peer) in enumerate(peers_.items()):
         fill(peer, s["add_capacity"] + 100 * n, workload, seed=5 + i)  # wrapped: steady state
-        fns[role] = add_round(peer, stream(workload, n, seed=7 + i), steps)
+        fns[role] = add_round(peer, stream(workload, n, seed=7 + i), n_steps)
     rates = interleaved(fns, s["repeats"])
     for peer in peers_.values():
         peer.close()
@@ -280,9 +283,6 @@ def measure_ours(s: dict) -> dict:
     # RSS at `ours_fill` transitions (1M in the full run): episodes of 100-2,000 steps
     gc.collect()
     before = rss_bytes()
-    probe = P.DqnFast(1_000_000, OBS_SHAPE, K, 1).buf
-    per_transition = probe.nbytes / 1_000_000
-    del probe
     peer = fill_fast(P.DqnFast, s["ours_fill"], "atari", seed=4)
     grown = rss_bytes() - before
     out["memory"] = {
@@ -290,7 +290,7 @@ def measure_ours(s: dict) -> dict:
         "len": len(peer.buf),
         "rss_growth_gb": grown / 1e9,
         "rss_bytes_per_transition": grown / s["ours_fill"],
-        "nbytes_per_transition_1M": per_transition,
+        "nbytes_per_transition": peer.buf.nbytes / s["ours_fill"],
         "frame_bytes": FRAME_BYTES,
     }
     return out
@@ -307,15 +307,19 @@ def _child(fn, *args) -> dict:
 def in_child(fn, *args) -> dict:
     """Runs fn(*args) in a fresh process, so its memory is its own and is freed after."""
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_child, fn, *args).result()
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            return pool.submit(_child, fn, *args).result()
+    except BrokenProcessPool:
+        return {"error": "the child process died (out of memory?)"}
 
 
 def run_suite(quick: bool, only: Optional[list] = None, log=print, sizes_override: Optional[dict] = None,
               alone: bool = True) -> dict:
     """Every peer (or those named in `only`), then this project alone."""
     s = {**sizes(quick), **(sizes_override or {})}
-    results: dict = {"sizes": {k: v for k, v in s.items() if k != "calls"}, "peers": {}}
+    results: dict = {"sizes": {k: ({str(b): c for b, c in v.items()} if k == "calls" else v) for k, v in s.items()},
+                     "peers": {}}
     for cls in P.COMPARED:
         if only and cls.name not in only:
             continue
@@ -333,5 +337,7 @@ def run_suite(quick: bool, only: Optional[list] = None, log=print, sizes_overrid
         return results
     start = time.time()
     results["dqn_fast_alone"] = in_child(measure_ours, s)
-    log(f"  dqn_fast alone (memcpy, {s['ours_fill']:,}-transition fill): done ({time.time() - start:.0f} s)")
+    err = results["dqn_fast_alone"].get("error")
+    log(f"  dqn_fast alone (memcpy, {s['ours_fill']:,}-transition fill): {'ERROR ' + err if err else 'done'} "
+        f"({time.time() - start:.0f} s)")
     return results
