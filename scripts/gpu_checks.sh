@@ -5,7 +5,9 @@
 #   2. build and install dqn_fast without touching the network;
 #   3. the test suite on that machine (training tests pick the GPU with --device auto);
 #   4. scripts/gpu_check.py: CUDA prefetch == CPU prefetch, replay-to-GPU rates,
-#      learner feed, Atari training vs the CleanRL-style loop (writes $OUT/gpu_results.json).
+#      learner feed, Atari training vs the CleanRL-style loop (writes $OUT/gpu_results.json);
+#   5. `dqn-fast bench --quick --peers dqn_fast`: sample_into pinned vs pageable tensors
+#      (the pinned figure needs CUDA; writes $OUT/bench/).
 # Usage: bash scripts/gpu_checks.sh [pytest args]   (default: the whole suite except
 #        the 2-minute CartPole learning test, which a GPU only slows down)
 set -o pipefail
@@ -23,5 +25,7 @@ python3 -P -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.txt"
 tests=$?
 python3 -P scripts/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu_check.txt"
 checks=$?
-echo "pytest rc=$tests gpu_check rc=$checks"
-exit $(( tests || checks ))
+python3 -P -m dqn_fast.cli bench --quick --peers dqn_fast --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt"
+bench=$?
+echo "pytest rc=$tests gpu_check rc=$checks bench rc=$bench"
+exit $(( tests || checks || bench ))

@@ -13,11 +13,14 @@ import statistics
 from typing import Callable, Dict, List
 
 
-def interleaved(rounds: Dict[str, Callable[[], float]], repeats: int) -> Dict[str, List[float]]:
-    """Each candidate runs one timed round per repeat (after one warm-up round)
-    and returns its rate; rounds alternate A, B, C, A, B, C, ..."""
-    for fn in rounds.values():
-        fn()
+def interleaved(rounds: Dict[str, Callable[[], float]], repeats: int, warmup: int = 2) -> Dict[str, List[float]]:
+    """Each candidate runs one timed round per repeat and returns its rate;
+    rounds alternate A, B, C, A, B, C, ... Warm-up rounds come first, also
+    alternating: peers that allocate per call slow down or speed up for a few
+    rounds while the allocator settles (glibc's mmap threshold adapts)."""
+    for _ in range(warmup):
+        for fn in rounds.values():
+            fn()
     rates: Dict[str, List[float]] = {name: [] for name in rounds}
     for _ in range(repeats):
         for name, fn in rounds.items():
