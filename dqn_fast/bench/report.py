@@ -152,6 +152,7 @@ def plot(r: dict, out_dir: str) -> List[str]:
     values = [peers[n]["atari"]["memory"]["projected_1M_gb"] for n in names]
     ax.barh(names, values, color=colors)
     ax.invert_yaxis()
+    ax.set_xlim(0, max(values + [1.0]) * 1.15)
     for y, v in enumerate(values):
         ax.text(v, y, f" {v:,.1f} GB", va="center", fontsize=8)
     alone = r["suite"].get("dqn_fast_alone", {}).get("memory")
