@@ -18,7 +18,26 @@ FRAME = (84, 84)
 K = 4
 
 
-class AtariEnvs:
+class _Episodes:
+    """Episode bookkeeping shared by the streams: each env's episode runs for
+    a random length, then ends by termination or truncation (half each), and
+    that env's next obs is a fresh reset observation."""
+
+    def _end_episodes(self, nxt: np.ndarray):
+        self.left -= 1
+        done = self.left <= 0
+        terminated = done & (self.rng.random(self.n) < 0.5)
+        truncated = done & ~terminated
+        self.obs = nxt
+        if done.any():
+            self.obs = nxt.copy()  # next_obs stays the true final obs
+            for e in np.flatnonzero(done):
+                self.obs[e] = self._reset()
+                self.left[e] = self.rng.integers(self.min_len, self.max_len + 1)
+        return terminated, truncated
+
+
+class AtariEnvs(_Episodes):
     """next_obs is obs shifted by one frame plus a new one; an ended episode's
     next_obs is its true final obs and the following obs a reset stack."""
 
@@ -46,23 +65,14 @@ class AtariEnvs:
         nxt = np.empty_like(obs)
         nxt[:, : self.k - 1] = obs[:, 1:]
         nxt[:, self.k - 1] = self.pool[self.rng.integers(len(self.pool), size=self.n)]
-        self.left -= 1
-        done = self.left <= 0
-        terminated = done & (self.rng.random(self.n) < 0.5)
-        truncated = done & ~terminated
-        self.obs = nxt
-        if done.any():
-            self.obs = nxt.copy()
-            for e in np.flatnonzero(done):
-                self.obs[e] = self._reset()
-                self.left[e] = self.rng.integers(self.min_len, self.max_len + 1)
+        terminated, truncated = self._end_episodes(nxt)
         # fresh action/reward arrays too: a buffer may keep references
         actions = self.rng.integers(0, 6, size=self.n)
         rewards = self.rng.integers(-1, 2, size=self.n).astype(np.float32)
         return obs, actions, rewards, nxt, terminated, truncated
 
 
-class VectorEnvs:
+class VectorEnvs(_Episodes):
     """CartPole-sized float32 observations (4 values), episodes of 10-500 steps."""
 
     k = 1
@@ -78,19 +88,13 @@ class VectorEnvs:
     def obs_shape(self) -> tuple:
         return self.obs.shape[1:]
 
+    def _reset(self) -> np.ndarray:
+        return self.rng.random(self.obs.shape[1], dtype=np.float32)
+
     def step(self):
         obs = self.obs
         nxt = self.rng.random(obs.shape, dtype=np.float32)
-        self.left -= 1
-        done = self.left <= 0
-        terminated = done & (self.rng.random(self.n) < 0.5)
-        truncated = done & ~terminated
-        self.obs = nxt
-        if done.any():
-            self.obs = nxt.copy()
-            for e in np.flatnonzero(done):
-                self.obs[e] = self.rng.random(obs.shape[1], dtype=np.float32)
-                self.left[e] = self.rng.integers(self.min_len, self.max_len + 1)
+        terminated, truncated = self._end_episodes(nxt)
         actions = self.rng.integers(0, 2, size=self.n)
         rewards = np.ones(self.n, np.float32)
         return obs, actions, rewards, nxt, terminated, truncated
