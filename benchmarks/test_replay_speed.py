@@ -46,10 +46,7 @@ def test_add(benchmark, peer_cls, workload, num_envs):
     transition); each round continues the same stream, prepared untimed."""
     peer_or_fail(peer_cls)
     peer = suite.make(peer_cls, CAPACITY, workload, num_envs, seed=1)
-    suite.fill(peer, CAPACITY + 100 * num_envs, workload, seed=2)  # wrapped: steady state
-    envs = suite.stream(workload, num_envs, seed=2)  # fill's stream, continued
-    for _ in range(-(-(CAPACITY + 100 * num_envs) // num_envs)):
-        envs.step()
+    envs = suite.fill(peer, CAPACITY + 100 * num_envs, workload, seed=2)  # wrapped: steady state; goes on
 
     def setup():
         return ([peer.prepare(envs.step()) for _ in range(ROUND)],), {}

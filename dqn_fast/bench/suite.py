@@ -64,10 +64,12 @@ def stream(workload: str, num_envs: int, seed: int):
     return AtariEnvs(num_envs, seed) if workload == "atari" else VectorEnvs(num_envs, seed)
 
 
-def fill(peer: P.Peer, n: int, workload: str, seed: int) -> None:
+def fill(peer: P.Peer, n: int, workload: str, seed: int):
+    """Adds n transitions from a new stream; returns the stream, to be continued."""
     envs = stream(workload, peer.num_envs, seed)
     for _ in range(-(-n // peer.num_envs)):
         peer.add(*peer.prepare(envs.step()))
+    return envs
 
 
 def fill_fast(cls, capacity: int, workload: str, seed: int, **kwargs) -> P.Peer:
@@ -240,8 +242,8 @@ def add_window(cls, workload: str, n: int, n_steps: int, s: dict) -> dict:
         peers_["ours"] = make(P.DqnFast, s["add_capacity"], workload, n, seed=4)
     fns = {}
     for i, (role, peer) in enumerate(peers_.items()):
-        fill(peer, s["add_capacity"] + 100 * n, workload, seed=5 + i)  # wrapped: steady state
-        fns[role] = add_round(peer, stream(workload, n, seed=7 + i), n_steps)
+        envs = fill(peer, s["add_capacity"] + 100 * n, workload, seed=5 + i)  # wrapped: steady state
+        fns[role] = add_round(peer, envs, n_steps)  # the same stream goes on
     rates = interleaved(fns, s["repeats"])
     for peer in peers_.values():
         peer.close()
