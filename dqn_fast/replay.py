@@ -192,7 +192,7 @@ class ReplayBuffer(_core.ReplayBufferCore):
         self.seed = int(seed)
         self.frame_reserve = float(frame_reserve)
         self.sample_threads = int(sample_threads)
-        self._views = {}  # id(out) -> (out, numpy views, data pointers): see sample_into
+        self._views = {}  # id(out) -> (out, core arguments, tensor layouts, tensors): see sample_into
 
     def __repr__(self) -> str:
         return (

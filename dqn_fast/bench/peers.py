@@ -30,6 +30,8 @@ from typing import Dict, List, Optional, Tuple, Type
 import numpy as np
 
 EXACT = "exact"
+# cpprb's fields besides the observation, as our transitions have them
+_CPPRB_FIELDS = {"act": {"dtype": np.int64}, "rew": {"dtype": np.float32}, "done": {"dtype": np.bool_}}
 
 
 def unbatched(step):
@@ -48,6 +50,7 @@ class Peer:
     def __init__(self, capacity: int, obs_shape: tuple, frame_stack: int, num_envs: int, seed: int = 0):
         self.capacity, self.obs_shape, self.k, self.num_envs = capacity, tuple(obs_shape), frame_stack, num_envs
         self.uint8 = frame_stack > 1  # frame stacks are uint8 pixels, vectors float32
+        self.obs_dtype = np.uint8 if self.uint8 else np.float32
 
     @classmethod
     def missing(cls) -> Optional[str]:
@@ -87,6 +90,12 @@ def _torch():
     return torch
 
 
+def _cpprb_tensors(s: dict, obs, next_obs) -> tuple:
+    torch = _torch()
+    return (obs, torch.from_numpy(s["act"]).flatten(), torch.from_numpy(s["rew"]).flatten(), next_obs,
+            torch.from_numpy(s["done"]).flatten())
+
+
 # --------------------------------------------------------------------------- this project
 class DqnFast(Peer):
     name = "dqn_fast"
@@ -96,8 +105,7 @@ class DqnFast(Peer):
         super().__init__(capacity, obs_shape, frame_stack, num_envs, seed)
         from ..replay import ReplayBuffer
 
-        dtype = np.uint8 if self.uint8 else np.float32
-        self.buf = ReplayBuffer(capacity, obs_shape, dtype, frame_stack=frame_stack, num_envs=num_envs, seed=seed,
+        self.buf = ReplayBuffer(capacity, obs_shape, self.obs_dtype, frame_stack=frame_stack, num_envs=num_envs, seed=seed,
                                 sample_threads=sample_threads)
         self.window = window and frame_stack > 1
         self.out: Dict[int, object] = {}
@@ -215,9 +223,8 @@ class Cpprb(Peer):
         import cpprb
 
         np.random.seed(seed)  # cpprb samples with numpy's global generator
-        obs = {"shape": self.obs_shape, "dtype": np.uint8 if self.uint8 else np.float32}
-        self.rb = cpprb.ReplayBuffer(capacity, {"obs": obs, "next_obs": obs, "act": {"dtype": np.int64},
-                                                "rew": {"dtype": np.float32}, "done": {"dtype": np.bool_}})
+        obs = {"shape": self.obs_shape, "dtype": self.obs_dtype}
+        self.rb = cpprb.ReplayBuffer(capacity, {"obs": obs, "next_obs": obs, **_CPPRB_FIELDS})
 
     def add(self, obs, action, reward, next_obs, terminated, truncated):
         self.rb.add(obs=obs, act=action, rew=reward, next_obs=next_obs, done=terminated)
@@ -225,8 +232,7 @@ class Cpprb(Peer):
     def sample(self, batch):
         torch = _torch()
         s = self.rb.sample(batch)
-        return (torch.from_numpy(s["obs"]), torch.from_numpy(s["act"]).flatten(), torch.from_numpy(s["rew"]).flatten(),
-                torch.from_numpy(s["next_obs"]), torch.from_numpy(s["done"]).flatten())
+        return _cpprb_tensors(s, torch.from_numpy(s["obs"]), torch.from_numpy(s["next_obs"]))
 
     def nbytes(self):
         per = 2 * int(np.prod(self.obs_shape)) * (1 if self.uint8 else 4) + 8 + 4 + 1
@@ -249,15 +255,11 @@ class CpprbCompressed(Peer):
         import cpprb
 
         np.random.seed(seed)
-        if self.uint8:  # channel-last stack for stack_compress
-            shape = (*self.obs_shape[1:], self.obs_shape[0])
-            self.rb = cpprb.ReplayBuffer(capacity, {"obs": {"shape": shape, "dtype": np.uint8}, "act": {"dtype": np.int64},
-                                                    "rew": {"dtype": np.float32}, "done": {"dtype": np.bool_}},
-                                         next_of="obs", stack_compress="obs")
-        else:
-            self.rb = cpprb.ReplayBuffer(capacity, {"obs": {"shape": self.obs_shape, "dtype": np.float32},
-                                                    "act": {"dtype": np.int64}, "rew": {"dtype": np.float32},
-                                                    "done": {"dtype": np.bool_}}, next_of="obs")
+        # frame stacks: channel-last, for stack_compress
+        shape = (*self.obs_shape[1:], self.obs_shape[0]) if self.uint8 else self.obs_shape
+        compress = {"stack_compress": "obs"} if self.uint8 else {}
+        self.rb = cpprb.ReplayBuffer(capacity, {"obs": {"shape": shape, "dtype": self.obs_dtype}, **_CPPRB_FIELDS},
+                                     next_of="obs", **compress)
 
     def _layout(self, x):
         return np.moveaxis(x, 0, -1) if self.uint8 else x
@@ -273,8 +275,7 @@ class CpprbCompressed(Peer):
         obs, nxt = torch.from_numpy(s["obs"]), torch.from_numpy(s["next_obs"])
         if self.uint8:  # back to (N, k, H, W) for the network: a view
             obs, nxt = obs.permute(0, 3, 1, 2), nxt.permute(0, 3, 1, 2)
-        return obs, torch.from_numpy(s["act"]).flatten(), torch.from_numpy(s["rew"]).flatten(), nxt, \
-            torch.from_numpy(s["done"]).flatten()
+        return _cpprb_tensors(s, obs, nxt)
 
 
 # --------------------------------------------------------------------------- TorchRL
@@ -377,13 +378,10 @@ class Tianshou(Peer):
         # what Tianshou's collector hands over: a Batch (and buffer ids with several envs)
         from tianshou.data import Batch
 
-        if self.num_envs == 1:
-            obs, action, reward, next_obs, terminated, truncated = unbatched(step)
-            return (Batch(obs=obs, act=action, rew=reward, terminated=terminated, truncated=truncated,
-                          obs_next=next_obs, info={}),)
-        obs, action, reward, next_obs, terminated, truncated = step
+        obs, action, reward, next_obs, terminated, truncated = super().prepare(step)
+        info = {} if self.num_envs == 1 else [{}] * self.num_envs
         return (Batch(obs=obs, act=action, rew=reward, terminated=terminated, truncated=truncated,
-                      obs_next=next_obs, info=[{}] * self.num_envs),)
+                      obs_next=next_obs, info=info),)
 
     def add(self, batch):
         if self.num_envs == 1:

@@ -10,12 +10,14 @@ ATARI_COLUMNS = [("add_1env", "add 1 env/s"), ("add_8env", "add 8 envs/s"), ("sa
 VECTOR_COLUMNS = [("add_1env", "add 1 env/s"), ("sample_32", "sample 32/s"), ("sample_256", "sample 256/s")]
 
 
-def _cell(fig: Optional[dict], ours: bool) -> str:
+def _cell(fig: Optional[dict], ours: bool, gb_per_s: bool = False) -> str:
     if fig is None:
         return "-"
     if "not_applicable" in fig:
         return "n/a"
     text = f"{fig['per_s']:,.0f}"
+    if gb_per_s and "out_gb_per_s" in fig:
+        text += f" · {fig['out_gb_per_s']:.2f} GB/s"
     if not ours:
         text += f" ({fig['dqn_fast_speedup']:.1f}x)"
     return text
@@ -172,18 +174,8 @@ def plot(r: dict, out_dir: str) -> List[str]:
 
 def markdown(r: dict) -> str:
     """The Atari and CartPole-sized tables as Markdown (what the README shows)."""
-    peers = {n: row for n, row in r["suite"]["peers"].items()}
+    peers = r["suite"]["peers"]
     cap = r["suite"]["sizes"]["capacity"]
-
-    def cell(fig, ours):
-        if fig is None:
-            return "-"
-        if "not_applicable" in fig:
-            return "n/a"
-        text = f"{fig['per_s']:,.0f}"
-        if "out_gb_per_s" in fig:
-            text += f" · {fig['out_gb_per_s']:.2f} GB/s"
-        return text + ("" if ours else f" ({fig['dqn_fast_speedup']:.1f}x)")
 
     out = [f"Atari-shaped, buffers of {cap:,} (per second; in brackets: how many times faster dqn_fast was "
            "in the same interleaved window)", "",
@@ -197,7 +189,7 @@ def markdown(r: dict) -> str:
         a, ours = row["atari"], name == "dqn_fast"
         mem = a["memory"]
         label = f"**{name}**" if ours else name + ("" if row["exactness"] == "exact" else " \\*")
-        out.append(f"| {label} | " + " | ".join(cell(a.get(c), ours) for c, _ in ATARI_COLUMNS)
+        out.append(f"| {label} | " + " | ".join(_cell(a.get(c), ours, gb_per_s=True) for c, _ in ATARI_COLUMNS)
                    + f" | {mem['rss_bytes_per_transition']:,.0f}"
                    + ("" if mem["storage_bytes_per_transition"] is None else f" ({mem['storage_bytes_per_transition']:,.0f})")
                    + f" | {mem['projected_1M_gb']:.1f} GB |")
@@ -208,5 +200,5 @@ def markdown(r: dict) -> str:
             continue
         v, ours = row["vector"], name == "dqn_fast"
         out.append(f"| {'**' + name + '**' if ours else name} | "
-                   + " | ".join(cell(v.get(c), ours) for c, _ in VECTOR_COLUMNS) + " |")
+                   + " | ".join(_cell(v.get(c), ours, gb_per_s=True) for c, _ in VECTOR_COLUMNS) + " |")
     return "\n".join(out) + "\n"
