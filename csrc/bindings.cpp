@@ -9,6 +9,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -47,13 +49,30 @@ Shape prepend(py::ssize_t n, const Shape& s) {
 
 std::string dtype_str(const py::dtype& d) { return py::str(d).cast<std::string>(); }
 
-bool same_dtype(const py::dtype& a, const py::dtype& b) {
-    return a.normalized_num() == b.normalized_num() && a.itemsize() == b.itemsize();
+// The core reads and writes native-endian values only.
+bool is_native(const py::dtype& d) {
+    const char order = d.byteorder();
+    const uint16_t probe = 1;
+    const bool little = *reinterpret_cast<const uint8_t*>(&probe) == 1;
+    return order == '=' || order == '|' || order == (little ? '<' : '>');
 }
 
-uint64_t product(const Shape& s) {
+std::string byte_order_str(const py::dtype& d) {
+    return d.byteorder() == '>' ? "big-endian" : d.byteorder() == '<' ? "little-endian" : "native";
+}
+
+bool same_dtype(const py::dtype& a, const py::dtype& b) {
+    return a.normalized_num() == b.normalized_num() && a.itemsize() == b.itemsize() && is_native(a) && is_native(b);
+}
+
+// The same kind and size, but the other byte order: worth its own message.
+bool only_byte_order_differs(const py::dtype& got, const py::dtype& want) {
+    return got.kind() == want.kind() && got.itemsize() == want.itemsize() && !is_native(got);
+}
+
+uint64_t product(const Shape& s, const char* what) {
     uint64_t n = 1;
-    for (auto d : s) n *= uint64_t(d);
+    for (auto d : s) n = dqn_fast::checked_mul(n, uint64_t(d), what);
     return n;
 }
 
@@ -76,9 +95,13 @@ public:
         c.num_envs = num_envs;
         c.frame_stack = frame_stack;
         c.layout.elem_size = uint64_t(obs_dtype.itemsize());
-        c.layout.frame_bytes = product(frame_shape) * c.layout.elem_size;
+        if (!is_native(obs_dtype) || !is_native(action_dtype))
+            throw py::type_error("obs_dtype and action_dtype must be in native byte order, got " +
+                                 dtype_str(obs_dtype) + " and " + dtype_str(action_dtype));
+        c.layout.frame_bytes = dqn_fast::checked_mul(product(frame_shape, "one frame"), c.layout.elem_size, "one frame");
         c.layout.stack_last = stack_last;
-        c.action_bytes = product(action_shape) * uint64_t(action_dtype.itemsize());
+        c.action_bytes = dqn_fast::checked_mul(product(action_shape, "one action"), uint64_t(action_dtype.itemsize()),
+                                               "one action");
         c.frame_reserve = frame_reserve;
         c.seed = seed;
         c.sample_threads = sample_threads;
@@ -100,7 +123,9 @@ public:
         const void* action_p = nullptr;
         if (ne == 1 && action_shape_.empty() && action_dtype_.kind() == 'i' && action_dtype_.itemsize() == 8 &&
             PyLong_CheckExact(action.ptr())) {
-            action_int = action.cast<int64_t>();
+            int overflow = 0;
+            action_int = PyLong_AsLongLongAndOverflow(action.ptr(), &overflow);
+            if (overflow) throw py::value_error("action " + py::str(action).cast<std::string>() + " does not fit int64 (action_dtype)");
             action_p = &action_int;
         } else {
             action_a = per_env(action, action_dtype_, action_shape_, "action", "action_dtype");
@@ -241,6 +266,10 @@ private:
     py::array observation(py::handle h, const char* name) const {
         py::array a = py::array::ensure(h);
         if (!a) throw py::type_error(std::string(name) + " must be an array of " + dtype_str(obs_dtype_));
+        if (only_byte_order_differs(a.dtype(), obs_dtype_)) {
+            throw py::type_error(std::string(name) + " must be in native byte order (dtype " + dtype_str(obs_dtype_) +
+                                 "), got a " + byte_order_str(a.dtype()) + " " + dtype_str(a.dtype()) + " array");
+        }
         if (!same_dtype(a.dtype(), obs_dtype_)) {
             throw py::type_error(std::string(name) + " must have dtype " + dtype_str(obs_dtype_) + " (obs_dtype), got " +
                                  dtype_str(a.dtype()));
@@ -249,28 +278,65 @@ private:
         return (a.flags() & py::array::c_style) ? a : py::array::ensure(a, py::array::c_style);
     }
 
-    // num_envs items of `item_shape`, converted to `dtype` when numpy calls
-    // that a same-kind cast (int32 -> int64, float64 -> float32).
+    // num_envs items of `item_shape`, converted to `dtype` (native byte
+    // order) when numpy calls that a same-kind cast (int32 -> int64,
+    // float64 -> float32, '>f4' -> float32), as long as no value changes
+    // beyond rounding: an integer out of the dtype's range or a finite float
+    // that would become inf is a ValueError, never a wrapped value.
     py::array per_env(py::handle h, const py::dtype& dtype, const Shape& item_shape, const char* name,
                       const char* dtype_name) const {
+        auto np = py::module_::import("numpy");
+        const bool int_target = dtype.kind() == 'i' || dtype.kind() == 'u';
+        if (int_target && PyLong_Check(h.ptr()) && !PyBool_Check(h.ptr())) check_int_range(h, dtype, name);
         py::array a = py::array::ensure(h);
         if (!a) throw py::type_error(std::string(name) + " must be array-like, got " + type_name(h));
-        if (!same_dtype(a.dtype(), dtype)) {
-            auto np = py::module_::import("numpy");
-            if (!np.attr("can_cast")(a.dtype(), dtype, "same_kind").cast<bool>()) {
-                throw py::type_error(std::string(name) + " must have a dtype castable to " + dtype_str(dtype) + " (" +
-                                     dtype_name + "), got " + dtype_str(a.dtype()));
-            }
-            a = py::array(np.attr("asarray")(a, dtype));
+        const bool same = same_dtype(a.dtype(), dtype);
+        if (!same && !np.attr("can_cast")(a.dtype(), dtype, "same_kind").cast<bool>()) {
+            throw py::type_error(std::string(name) + " must have a dtype castable to " + dtype_str(dtype) + " (" +
+                                 dtype_name + "), got " + dtype_str(a.dtype()));
         }
         check_batched_shape(a, item_shape, name);
+        if (!same) {
+            const char from = a.dtype().kind();
+            if (int_target && (from == 'i' || from == 'u') && !np.attr("can_cast")(a.dtype(), dtype).cast<bool>()) {
+                check_int_range(np.attr("min")(a), dtype, name);
+                check_int_range(np.attr("max")(a), dtype, name);
+            }
+            py::array converted(np.attr("asarray")(a, dtype));
+            if (dtype.kind() == 'f' && from == 'f' && a.dtype().itemsize() > dtype.itemsize() &&
+                np.attr("any")(np.attr("isinf")(converted) & np.attr("isfinite")(a)).cast<bool>()) {
+                throw py::value_error(std::string(name) + " holds a value too large for " + dtype_str(dtype) + " (" +
+                                      dtype_name + ")");
+            }
+            a = converted;
+        }
         return (a.flags() & py::array::c_style) ? a : py::array::ensure(a, py::array::c_style);
+    }
+
+    static void check_int_range(py::handle value, const py::dtype& dtype, const char* name) {
+        auto info = py::module_::import("numpy").attr("iinfo")(dtype);
+        py::object v = py::reinterpret_borrow<py::object>(value).attr("__int__")();
+        if (v < info.attr("min") || v > info.attr("max")) {
+            throw py::value_error(std::string(name) + " " + py::str(v).cast<std::string>() + " does not fit " +
+                                  dtype_str(dtype) + " (range " + py::str(info.attr("min")).cast<std::string>() +
+                                  " to " + py::str(info.attr("max")).cast<std::string>() + ")");
+        }
     }
 
     static bool scalar_float(py::handle h, float& value) {
         if (!PyFloat_CheckExact(h.ptr()) && !PyLong_CheckExact(h.ptr())) return false;
-        value = float(PyFloat_AsDouble(h.ptr()));
-        if (PyErr_Occurred()) throw py::error_already_set();
+        const double d = PyFloat_AsDouble(h.ptr());
+        if (PyErr_Occurred()) {  // an int beyond a double's range
+            PyErr_Clear();
+            throw py::value_error("reward " + py::str(h).cast<std::string>().substr(0, 40) +
+                                  "... is too large for float32");
+        }
+        value = float(d);
+        if (std::isfinite(d) && !std::isfinite(value)) {
+            char text[32];
+            std::snprintf(text, sizeof text, "%.6g", d);
+            throw py::value_error(std::string("reward ") + text + " is too large for float32");
+        }
         return true;
     }
 
@@ -315,6 +381,10 @@ private:
                                  type_name(h));
         }
         auto a = py::reinterpret_borrow<py::array>(h);
+        if (only_byte_order_differs(a.dtype(), dtype)) {
+            throw py::type_error(std::string("out.") + name + " must be in native byte order (dtype " + dtype_str(dtype) +
+                                 "), got a " + byte_order_str(a.dtype()) + " " + dtype_str(a.dtype()) + " array");
+        }
         if (!same_dtype(a.dtype(), dtype)) {
             throw py::type_error(std::string("out.") + name + " must have dtype " + dtype_str(dtype) + ", got " +
                                  dtype_str(a.dtype()));
@@ -365,6 +435,9 @@ private:
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "Native replay core of dqn_fast (see dqn_fast.ReplayBuffer for the Python API).";
+    m.attr("MAX_NUM_ENVS") = dqn_fast::kMaxNumEnvs;
+    m.attr("MAX_SAMPLE_THREADS") = dqn_fast::kMaxSampleThreads;
+    m.attr("MAX_FRAME_STACK") = dqn_fast::kMaxFrameStack;
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);

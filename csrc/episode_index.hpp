@@ -6,7 +6,9 @@
 //    Eviction only ever advances `tail`, so the buffer always holds the most
 //    recent `size()` transitions, whatever happened.
 //  * Every add appends one transition per environment, env 0 first, so
-//    transition `id` belongs to env `id % num_envs`.
+//    transition `id` belongs to env `id % num_envs`, and `head` is a
+//    multiple of num_envs (eviction finds an env's transitions by stepping
+//    num_envs ids at a time).
 //  * A transition is k frame seqs for obs and k for next_obs (oldest first).
 //    `oldest[slot]` is the smallest of them. Within one env, `oldest` never
 //    decreases with id: a continuing transition reuses the previous next_obs
@@ -20,8 +22,21 @@
 //    An open stream's seqs are non-decreasing, >= 0 and < the store's
 //    next_seq (the frames were written; they may since be overwritten).
 //  * A loaded state (check + adopt) is held to all of the above, so a
-//    hostile file cannot make add or sample read outside the arrays or read
-//    a frame slot that was never written.
+//    hostile file cannot make add or sample read outside the arrays, read a
+//    frame slot that was never written, or keep a transition sampleable
+//    after its frames are overwritten. `check` tests, in order:
+//      1. 0 <= tail <= head < 2^62 and head - tail <= capacity;
+//      2. head % num_envs == 0;
+//      3. 0 <= next_seq < 2^62;
+//      4. one stream per env, each holding k frame seqs;
+//      5. every frame slot a stored transition names was written
+//         (slot < min(next_seq, frame_capacity));
+//      6. oldest[slot] is the smallest seq the transition names;
+//      7. per env, oldest never decreases with id;
+//      8. an open stream's seqs are non-decreasing, not older than its env's
+//         newest stored transition's oldest frame, and < next_seq.
+//    ReplayBuffer::restore adds: flags hold only known bits, a shift-flagged
+//    transition's frames are a shift, the PRNG state is not all zeros.
 #pragma once
 
 #include <algorithm>
@@ -48,7 +63,7 @@ public:
           frame_capacity_(frame_capacity),
           num_envs_(num_envs),
           k_(frame_stack),
-          slots_(capacity * 2 * uint64_t(frame_stack)),
+          slots_(checked_mul(capacity, 2 * uint64_t(frame_stack), "the episode index")),
           oldest_(capacity),
           streams_(num_envs) {
         for (auto& s : streams_) s.seqs.assign(k_, 0);
@@ -82,6 +97,9 @@ public:
         constexpr int64_t kMaxCount = int64_t(1) << 62;  // counters far from overflow
         if (!(0 <= tail && tail <= head && head - tail <= cap && head < kMaxCount))
             fail("transition ids [tail=" + str(tail) + ", head=" + str(head) + ") do not fit a ring of " + str(cap));
+        if (head % num_envs_ != 0)
+            fail("head=" + str(head) + " is not a multiple of num_envs=" + str(num_envs_) +
+                 ": every add appends one transition per env");
         if (!(0 <= next_seq && next_seq < kMaxCount))
             fail("frame counter next_seq=" + str(next_seq) + " is out of range");
         if (streams.size() != size_t(num_envs_)) fail("expected " + str(num_envs_) + " env streams");

@@ -8,7 +8,9 @@
 //    caller's business. Nothing here knows about episodes or transitions.
 //  * Memory is reserved up front (untouched pages) after checking that the
 //    machine can back it, so a too-large buffer is an AllocationError at
-//    construction, not an OOM kill at first touch.
+//    construction, not an OOM kill at first touch. Every size is computed
+//    with overflow checks (checked_mul/checked_add): a product that wraps
+//    is an AllocationError stating the operands, never a short allocation.
 #pragma once
 
 #include <cstdint>
@@ -46,6 +48,26 @@ inline uint64_t available_memory_bytes() {
     return (pages > 0 && page > 0) ? uint64_t(pages) * uint64_t(page) : 0;
 }
 
+// a * b, or AllocationError naming `what` when the product does not fit in
+// 64 bits (every size the core allocates goes through this or checked_add).
+inline uint64_t checked_mul(uint64_t a, uint64_t b, const char* what) {
+    uint64_t out;
+    if (__builtin_mul_overflow(a, b, &out)) {
+        throw AllocationError(std::string("cannot allocate ") + what + ": " + std::to_string(a) + " x " +
+                              std::to_string(b) + " bytes is more than 2^64 bytes");
+    }
+    return out;
+}
+
+inline uint64_t checked_add(uint64_t a, uint64_t b, const char* what) {
+    uint64_t out;
+    if (__builtin_add_overflow(a, b, &out)) {
+        throw AllocationError(std::string("cannot allocate ") + what + ": " + std::to_string(a) + " + " +
+                              std::to_string(b) + " bytes is more than 2^64 bytes");
+    }
+    return out;
+}
+
 inline void check_can_allocate(uint64_t bytes, const char* what) {
     uint64_t avail = available_memory_bytes();
     if (avail != 0 && bytes > avail) {
@@ -62,11 +84,9 @@ public:
     Column() = default;
     explicit Column(uint64_t n) : n_(n) {
         if (n == 0) return;
-        if (n > UINT64_MAX / sizeof(T)) throw AllocationError("array size overflows");
+        const uint64_t bytes = checked_mul(n, sizeof(T), "an array");
         data_.reset(new (std::nothrow) T[n]);
-        if (!data_) {
-            throw AllocationError("cannot allocate " + std::to_string(n * sizeof(T)) + " bytes");
-        }
+        if (!data_) throw AllocationError("cannot allocate " + std::to_string(bytes) + " bytes");
     }
     T* data() { return data_.get(); }
     const T* data() const { return data_.get(); }
@@ -84,7 +104,9 @@ class FrameStore {
 public:
     FrameStore() = default;
     FrameStore(uint64_t capacity, uint64_t frame_bytes)
-        : capacity_(capacity), frame_bytes_(frame_bytes), bytes_(capacity * frame_bytes) {}
+        : capacity_(capacity),
+          frame_bytes_(frame_bytes),
+          bytes_(checked_mul(capacity, frame_bytes, "the frame store")) {}
 
     uint64_t capacity() const { return capacity_; }
     uint64_t frame_bytes() const { return frame_bytes_; }

@@ -1,6 +1,7 @@
 #include "replay_buffer.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -34,13 +35,24 @@ uint64_t ReplayBuffer::frame_capacity_for(const BufferConfig& c) {
     return c.capacity + proportional + 2 * k * (k + 1) * uint64_t(c.num_envs);
 }
 
+uint64_t ReplayBuffer::env_bytes(int frame_stack) {
+    constexpr uint64_t kMallocOverhead = 16;  // glibc's per-allocation header
+    return sizeof(EnvStream) + uint64_t(frame_stack) * sizeof(int64_t) + kMallocOverhead + sizeof(EnvPlan);
+}
+
 ReplayBuffer::ReplayBuffer(const BufferConfig& config) : config_(config), k_(config.frame_stack) {
     const auto& c = config_;
     if (k_ == 1) config_.layout.stack_last = false;  // one frame: nothing to interleave
     require(c.capacity >= 1, "capacity must be at least 1, got " + std::to_string(c.capacity));
-    require(c.num_envs >= 1, "num_envs must be at least 1, got " + std::to_string(c.num_envs));
-    require(c.frame_stack >= 1 && c.frame_stack <= 64,
-            "frame_stack must be between 1 and 64, got " + std::to_string(c.frame_stack));
+    require(c.num_envs >= 1 && c.num_envs <= kMaxNumEnvs, "num_envs must be between 1 and " +
+                                                               std::to_string(kMaxNumEnvs) + ", got " +
+                                                               std::to_string(c.num_envs));
+    require(c.frame_stack >= 1 && c.frame_stack <= kMaxFrameStack,
+            "frame_stack must be between 1 and " + std::to_string(kMaxFrameStack) + ", got " +
+                std::to_string(c.frame_stack));
+    require(c.sample_threads >= 0 && c.sample_threads <= kMaxSampleThreads,
+            "sample_threads must be between 0 and " + std::to_string(kMaxSampleThreads) + ", got " +
+                std::to_string(c.sample_threads));
     require(c.layout.frame_bytes >= 1 && c.layout.elem_size >= 1 &&
                 c.layout.frame_bytes % c.layout.elem_size == 0,
             "a frame must hold at least one element");
@@ -52,23 +64,30 @@ ReplayBuffer::ReplayBuffer(const BufferConfig& config) : config_(config), k_(con
     // Capacities past 2^32 cannot be stored (32-bit frame slots); clamp the
     // estimate so the error below can still say how many bytes that would be.
     const uint64_t frames = frame_capacity_for(c.capacity < (uint64_t(1) << 33) ? c : clamped(c));
-    obs_bytes_ = uint64_t(k_) * c.layout.frame_bytes;
-
-    // Check the whole footprint before touching anything, so the error says
-    // what was asked for instead of failing halfway or at first touch.
-    const long double total = (long double)frames * c.layout.frame_bytes +
-                              (long double)c.capacity * (2.0L * k_ * 4 + 8 + c.action_bytes + 4 + 1);
     if (c.capacity >= (uint64_t(1) << 32) || frames >= (uint64_t(1) << 32)) {
-        const long double wanted = total * ((long double)c.capacity / (long double)clamped(c).capacity);
+        const long double per_frame = (long double)c.layout.frame_bytes + 2.0L * k_ * 4;
+        const long double wanted = per_frame * frames * ((long double)c.capacity / (long double)clamped(c).capacity);
         throw AllocationError("cannot allocate " + std::to_string(uint64_t(std::min(wanted, 1.8e19L))) +
-                              " bytes for capacity=" + std::to_string(c.capacity) +
+                              " bytes or more for capacity=" + std::to_string(c.capacity) +
                               ": a buffer holds at most 2^32 frames");
     }
-    check_can_allocate(uint64_t(total), "the replay buffer");
+    obs_bytes_ = checked_mul(uint64_t(k_), c.layout.frame_bytes, "one observation");
+
+    // Check the whole footprint before touching anything, so the error says
+    // what was asked for instead of failing halfway or at first touch. Every
+    // product is overflow-checked: a wrapped size would pass the check and
+    // allocate too little.
+    const char* what = "the replay buffer";
+    const uint64_t per_transition = checked_add(2 * uint64_t(k_) * 4 + 8 + 4 + 1, c.action_bytes, what);
+    uint64_t total = checked_mul(frames, c.layout.frame_bytes, "the frame store");
+    total = checked_add(total, checked_mul(c.capacity, per_transition, "the transition index"), what);
+    total = checked_add(total, uint64_t(c.num_envs) * env_bytes(k_), what);
+    total = checked_add(total, 2 * c.layout.frame_bytes, what);  // channel-last scratch
+    check_can_allocate(total, what);
 
     store_ = FrameStore(frames, c.layout.frame_bytes);
     index_ = EpisodeIndex(c.capacity, c.num_envs, k_, frames);
-    actions_ = Column<uint8_t>(c.capacity * c.action_bytes);
+    actions_ = Column<uint8_t>(checked_mul(c.capacity, c.action_bytes, "the actions"));
     rewards_ = Column<float>(c.capacity);
     flags_ = Column<uint8_t>(c.capacity);
     rng_.reseed(c.seed);
@@ -84,7 +103,7 @@ void ReplayBuffer::publish_counters() {
 
 uint64_t ReplayBuffer::nbytes() const {
     return store_.nbytes() + index_.nbytes() + actions_.nbytes() + rewards_.nbytes() + flags_.nbytes() +
-           scratch_.size();
+           scratch_.size() + uint64_t(config_.num_envs) * env_bytes(k_);
 }
 
 // Frame j of a caller observation as a contiguous pointer (copied into
@@ -230,17 +249,27 @@ void ReplayBuffer::sample(int64_t batch_size, const SampleOut& out) {
     }
 
     const uint64_t frames_per_item = out.frames ? uint64_t(k_) + 1 : 2 * uint64_t(k_);
-    const uint64_t bytes = uint64_t(batch_size) * frames_per_item * config_.layout.frame_bytes;
-    if (bytes < kParallelGatherBytes) {
-        gather(0, batch_size, out);
-        return;
-    }
+    const uint64_t item_bytes = frames_per_item * config_.layout.frame_bytes;
+    const uint64_t bytes = uint64_t(batch_size) * item_bytes;
+    const auto serial = [&] { gather(0, batch_size, batch_size, out); };
+    if (bytes < kParallelGatherBytes || config_.sample_threads == 1) return serial();
     if (!pool_) {
         int threads = config_.sample_threads;
         if (threads <= 0) threads = std::min(4, std::max(1, int(std::thread::hardware_concurrency())));
-        pool_ = std::make_unique<WorkerPool>(threads - 1);
+        pool_ = std::make_unique<WorkerPool>(threads - 1);  // may start fewer (see WorkerPool)
     }
-    pool_->parallel_for(batch_size, [&](int64_t begin, int64_t end) { gather(begin, end, out); });
+    // Chunks of about 64 KB: small enough that a late worker leaves little
+    // for the caller to wait on, large enough that claiming costs nothing.
+    const int64_t chunk = int64_t(std::max<uint64_t>(1, (64 << 10) / std::max<uint64_t>(1, item_bytes)));
+    const auto pooled = [&] {
+        pool_->parallel_for(batch_size, chunk, [&](int64_t begin, int64_t end) { gather(begin, end, batch_size, out); });
+    };
+    if (config_.sample_threads > 1 || pool_->threads() == 1) return pool_->threads() == 1 ? serial() : pooled();
+    // Default threads: pool or caller alone, whichever measures faster now.
+    const bool use_pool = tuner_.use_pool(bytes);
+    const auto start = std::chrono::steady_clock::now();
+    use_pool ? pooled() : serial();
+    tuner_.record(bytes, use_pool, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
 }
 
 // Asks for the next item's frames while this one is copied: frames sit at
@@ -255,14 +284,16 @@ void ReplayBuffer::prefetch_item(const uint32_t* f, bool window) const {
     }
 }
 
-void ReplayBuffer::gather(int64_t begin, int64_t end, const SampleOut& out) const {
+// Items [begin, end) of a batch of n; prefetches the item after each, even
+// past `end` (another thread's chunk: a hint, nothing more).
+void ReplayBuffer::gather(int64_t begin, int64_t end, int64_t n, const SampleOut& out) const {
     const FrameLayout& layout = config_.layout;
     const uint64_t fb = layout.frame_bytes, ab = config_.action_bytes;
     const int k = k_;
     for (int64_t i = begin; i < end; ++i) {
         const uint64_t slot = index_.slot_of(out.ids[i]);
         const uint32_t* f = index_.frames_of(slot);
-        if (i + 1 < end) prefetch_item(index_.frames_of(index_.slot_of(out.ids[i + 1])), out.frames != nullptr);
+        if (i + 1 < n) prefetch_item(index_.frames_of(index_.slot_of(out.ids[i + 1])), out.frames != nullptr);
         if (out.frames) {
             uint8_t* dst = out.frames + uint64_t(i) * (k + 1) * fb;
             for (int j = 0; j < k; ++j) layout.write(dst, j, k + 1, store_.slot(f[j]));

@@ -30,6 +30,11 @@
 
 namespace dqn_fast {
 
+// The largest configurations the core accepts (the README's bounds).
+constexpr int kMaxNumEnvs = 1 << 20;
+constexpr int kMaxSampleThreads = 256;
+constexpr int kMaxFrameStack = 64;
+
 struct BufferConfig {
     uint64_t capacity = 0;  // transitions
     int num_envs = 1;
@@ -38,7 +43,7 @@ struct BufferConfig {
     uint64_t action_bytes = 8;
     double frame_reserve = 0.044;  // extra frames for episode starts, as a fraction of capacity
     uint64_t seed = 0;
-    int sample_threads = 0;  // threads that gather a large batch; 0 = one per core (up to 4)
+    int sample_threads = 0;  // threads that gather a large batch; 0 = one per core (up to 4), tuned
 };
 
 // Batched inputs of one add: every pointer holds num_envs C-contiguous items.
@@ -73,6 +78,8 @@ public:
 
     // Frames the store holds for a given config (capacity + reserve).
     static uint64_t frame_capacity_for(const BufferConfig& config);
+    // Bytes of per-env state (stream + add plan, with allocator overhead).
+    static uint64_t env_bytes(int frame_stack);
 
     uint64_t size() const { return size_.load(); }
     int64_t total_adds() const { return total_adds_.load(); }          // transitions ever added (next id)
@@ -111,7 +118,7 @@ private:
     bool is_shift(const uint8_t* obs, const uint8_t* next_obs);
     void push_frames(const uint8_t* obs, uint64_t runs, int64_t* seqs);
     void prefetch_item(const uint32_t* frames, bool window) const;
-    void gather(int64_t begin, int64_t end, const SampleOut& out) const;
+    void gather(int64_t begin, int64_t end, int64_t n, const SampleOut& out) const;
     void publish_counters();
 
     BufferConfig config_;
@@ -126,6 +133,7 @@ private:
     std::vector<EnvPlan> plan_;
     std::vector<uint8_t> scratch_;  // two frames, for channel-last stacks
     std::unique_ptr<WorkerPool> pool_;
+    GatherTuner tuner_;
     mutable std::mutex mutex_;
     std::atomic<uint64_t> size_{0};
     std::atomic<int64_t> total_adds_{0}, frames_written_{0};

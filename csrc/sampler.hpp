@@ -3,11 +3,15 @@
 //  * Rng: xoshiro256** seeded through splitmix64, with Lemire's unbiased
 //    bounded draw. Same seed, same calls -> same numbers on every platform
 //    (std:: distributions are implementation-defined, so they are not used).
-//  * WorkerPool: a few persistent threads that split one loop with the
+//  * WorkerPool: a few persistent threads that share one loop with the
 //    calling thread. Only used for large gathers, where copying dominates
 //    and a second core roughly halves the time.
+//  * GatherTuner: measures whether the pool is faster than the caller alone
+//    right now, so a loaded machine never makes the gather slower than one
+//    thread.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -69,12 +73,34 @@ private:
     uint64_t s_[4];
 };
 
+// Threads that gather a batch with the caller.
+//
+// Invariants
+//  * Work is handed out in chunks claimed from a shared counter, and the
+//    caller claims too. A worker that is asleep or descheduled when a job is
+//    posted claims nothing, and the caller does not wait for it: a job waits
+//    only for chunks that a worker has started (one chunk at most each).
+//  * A worker touches a job only between `active_++` and `active_--`, and
+//    only after seeing it open; the caller closes the job, then waits for
+//    `active_ == 0` before returning (seq_cst on both sides), so no worker
+//    can read a finished job's state or write into the caller's memory
+//    after parallel_for returns.
+//  * Construction never leaves a half-built pool: if the OS refuses a thread
+//    (thread limit, address space), the pool keeps the threads that started,
+//    possibly none, and parallel_for still runs the whole job.
 class WorkerPool {
 public:
     using Job = std::function<void(int64_t begin, int64_t end)>;
 
     explicit WorkerPool(int extra_threads) {
-        for (int i = 0; i < extra_threads; ++i) threads_.emplace_back([this, i] { work(i + 1); });
+        threads_.reserve(size_t(std::max(0, extra_threads)));  // throws (no thread yet) or never reallocates
+        for (int i = 0; i < extra_threads; ++i) {
+            try {
+                threads_.emplace_back([this] { work(); });
+            } catch (...) {  // std::system_error (EAGAIN) or bad_alloc: keep what started
+                break;
+            }
+        }
     }
     ~WorkerPool() {
         {
@@ -87,22 +113,26 @@ public:
     WorkerPool(const WorkerPool&) = delete;
     WorkerPool& operator=(const WorkerPool&) = delete;
 
-    int parts() const { return int(threads_.size()) + 1; }
+    int threads() const { return int(threads_.size()) + 1; }  // the caller included
 
-    // Runs job over [0, n) in parts() contiguous chunks; the caller takes the
-    // first chunk and returns when all are done. One call at a time.
-    void parallel_for(int64_t n, const Job& job) {
+    // Runs job over [0, n) in chunks of `chunk`, on the caller and whichever
+    // workers join; returns when every chunk is done. One call at a time.
+    void parallel_for(int64_t n, int64_t chunk, const Job& job) {
+        if (threads_.empty()) return job(0, n);
         {
             std::lock_guard<std::mutex> lock(m_);
             job_ = &job;
             n_ = n;
-            pending_.store(int(threads_.size()), std::memory_order_relaxed);
+            chunk_ = std::max<int64_t>(1, chunk);
+            next_.store(0, std::memory_order_relaxed);
+            open_.store(true);
             generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
-        job(0, chunk_end(0, n));
-        // Chunks are equal and short (a large batch is ~1 ms): spin, then yield.
-        for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+        run_chunks();
+        open_.store(false);
+        // Only workers inside a chunk they claimed are waited for (short).
+        for (int spins = 0; active_.load() != 0; ++spins) {
             if (spins < 4096) {
                 pause();
             } else {
@@ -112,7 +142,13 @@ public:
     }
 
 private:
-    int64_t chunk_end(int part, int64_t n) const { return n * (part + 1) / parts(); }
+    void run_chunks() {
+        for (;;) {
+            const int64_t begin = next_.fetch_add(chunk_, std::memory_order_relaxed);
+            if (begin >= n_) return;
+            (*job_)(begin, std::min(begin + chunk_, n_));
+        }
+    }
 
     static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -123,7 +159,7 @@ private:
     // Waking a parked thread costs tens of microseconds, as much as a whole
     // batch-32 gather; so after each job a worker stays awake briefly for the
     // next one (back-to-back sampling, as a prefetcher does), then parks.
-    void work(int part) {
+    void work() {
         using clock = std::chrono::steady_clock;
         uint64_t seen = 0;
         for (;;) {
@@ -138,21 +174,74 @@ private:
             }
             if (stop_.load()) return;
             seen = generation_.load(std::memory_order_acquire);
-            const Job* job = job_;
-            const int64_t n = n_;
-            (*job)(n * part / parts(), chunk_end(part, n));
-            pending_.fetch_sub(1, std::memory_order_release);
+            active_.fetch_add(1);
+            if (open_.load()) run_chunks();  // else: that job is already over
+            active_.fetch_sub(1);
         }
     }
 
     std::vector<std::thread> threads_;
     std::mutex m_;
     std::condition_variable wake_;
-    const Job* job_ = nullptr;  // written before generation_ is released
+    const Job* job_ = nullptr;  // job_, n_, chunk_: written before open_ is set
     int64_t n_ = 0;
-    std::atomic<int> pending_{0};
+    int64_t chunk_ = 1;
+    std::atomic<int64_t> next_{0};
+    std::atomic<bool> open_{false};
+    std::atomic<int> active_{0};
     std::atomic<uint64_t> generation_{0};
     std::atomic<bool> stop_{false};
+};
+
+// Chooses, by measuring, whether a large gather runs on the pool or on the
+// caller alone. On a quiet machine the pool is about twice as fast; with the
+// cores taken by other work (the learner's torch threads, env threads) a
+// worker wakes late or spins on a core the caller needs, and one thread is
+// faster. Every so often it times a few gathers each way (alternating, per
+// size class, in ns per byte) and keeps the faster mode, for longer each
+// time the choice stands, so the measuring costs little.
+class GatherTuner {
+public:
+    bool use_pool(uint64_t bytes) { return cls(bytes).use_pool(); }
+    void record(uint64_t bytes, bool pooled, double seconds) { cls(bytes).record(pooled, seconds / double(bytes)); }
+
+private:
+    struct SizeClass {
+        static constexpr int kTrials = 5;            // per mode and exploration
+        static constexpr int kMinRun = 64, kMaxRun = 4096;  // gathers between explorations
+        double trials[2][kTrials] = {};
+        int tried[2] = {0, 0};
+        int left = 0;        // gathers left in the current exploitation run
+        int run = kMinRun;   // length of the next run
+        bool pooled = true;  // the current choice
+        bool exploring = true;
+        bool next_pooled = true;
+
+        bool use_pool() const { return exploring ? next_pooled : pooled; }
+        void record(bool was_pooled, double per_byte) {
+            if (!exploring) {
+                if (--left <= 0) exploring = true, tried[0] = tried[1] = 0, next_pooled = true;
+                return;
+            }
+            int& n = tried[was_pooled];
+            if (n < kTrials) trials[was_pooled][n++] = per_byte;
+            next_pooled = tried[1] <= tried[0];
+            if (tried[0] < kTrials || tried[1] < kTrials) return;
+            const bool choice = median(trials[1]) < median(trials[0]);
+            run = choice == pooled ? std::min(2 * run, kMaxRun) : kMinRun;
+            pooled = choice;
+            left = run;
+            exploring = false;
+        }
+        static double median(const double* v) {
+            double s[kTrials];
+            std::copy(v, v + kTrials, s);
+            std::nth_element(s, s + kTrials / 2, s + kTrials);
+            return s[kTrials / 2];
+        }
+    };
+    SizeClass& cls(uint64_t bytes) { return classes_[std::min(63, 63 - __builtin_clzll(bytes | 1))]; }
+    SizeClass classes_[64];
 };
 
 }  // namespace dqn_fast

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numbers
 import secrets
+import threading
 from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -75,26 +76,32 @@ def _shape(value, name: str) -> Tuple[int, ...]:
         shape = tuple(value)
     except TypeError:
         raise TypeError(f"{name} must be a tuple of ints, got {type(value).__name__}") from None
-    if not all(isinstance(d, numbers.Integral) and d >= 1 for d in shape):
-        raise ValueError(f"{name} must be a tuple of positive ints, got {shape}")
+    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape):
+        raise TypeError(f"{name} must be a tuple of ints, got {shape}")
+    if not all(1 <= d < 2**63 for d in shape):
+        raise ValueError(f"{name} must be a tuple of positive ints below 2**63, got {shape}")
     return tuple(int(d) for d in shape)
 
 
 def _dtype(value, name: str) -> np.dtype:
     try:
         dtype = np.dtype(value)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"{name} must be a numpy dtype, got {value!r}") from None
     if dtype.kind not in "biuf":
         raise TypeError(f"{name} must be a bool, integer or float dtype, got {dtype}")
+    if not dtype.isnative:
+        raise TypeError(f"{name} must be in native byte order, got {dtype.str} ({dtype.byteorder!r})")
     return dtype
 
 
-def _positive_int(value, name: str) -> int:
+def _positive_int(value, name: str, most: int = 2**63 - 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
+    if value > most:
+        raise ValueError(f"{name} must be at most {most}, got {value}")
     return int(value)
 
 
@@ -151,8 +158,8 @@ class ReplayBuffer(_core.ReplayBufferCore):
         sample_threads: int = 0,
     ):
         capacity = _positive_int(capacity, "capacity")
-        frame_stack = _positive_int(frame_stack, "frame_stack")
-        num_envs = _positive_int(num_envs, "num_envs")
+        frame_stack = _positive_int(frame_stack, "frame_stack", _core.MAX_FRAME_STACK)
+        num_envs = _positive_int(num_envs, "num_envs", _core.MAX_NUM_ENVS)
         obs_shape = _shape(obs_shape, "obs_shape")
         action_shape = _shape(action_shape, "action_shape") if action_shape != () else ()
         if stack_axis not in (0, -1):
@@ -172,10 +179,14 @@ class ReplayBuffer(_core.ReplayBufferCore):
             seed = secrets.randbits(64)
         elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
-        if not isinstance(frame_reserve, numbers.Real):
+        if isinstance(frame_reserve, bool) or not isinstance(frame_reserve, numbers.Real):
             raise TypeError(f"frame_reserve must be a float, got {type(frame_reserve).__name__}")
-        if not isinstance(sample_threads, numbers.Integral) or sample_threads < 0:
-            raise ValueError(f"sample_threads must be an int >= 0, got {sample_threads!r}")
+        if not 0 <= frame_reserve <= 64:  # also NaN; compared before float() (a huge int overflows it)
+            raise ValueError(f"frame_reserve must be a fraction between 0 and 64, got {frame_reserve!r}")
+        if isinstance(sample_threads, bool) or not isinstance(sample_threads, numbers.Integral):
+            raise TypeError(f"sample_threads must be an int, got {type(sample_threads).__name__}")
+        if not 0 <= sample_threads <= _core.MAX_SAMPLE_THREADS:
+            raise ValueError(f"sample_threads must be between 0 and {_core.MAX_SAMPLE_THREADS}, got {sample_threads}")
         super().__init__(
             capacity,
             num_envs,
@@ -193,6 +204,7 @@ class ReplayBuffer(_core.ReplayBufferCore):
         self.frame_reserve = float(frame_reserve)
         self.sample_threads = int(sample_threads)
         self._views = {}  # id(out) -> (out, core arguments, tensor layouts, tensors): see sample_into
+        self._views_lock = threading.Lock()  # the prefetch thread and the caller both fill the cache
 
     def __repr__(self) -> str:
         return (
@@ -276,9 +288,11 @@ class ReplayBuffer(_core.ReplayBufferCore):
         self._sample_into(*args)
         tensors = [x for x in fields.values() if not isinstance(x, np.ndarray)]
         if tensors:  # torch outputs: reuse their numpy views while memory and layout stay the same
-            while len(self._views) >= _VIEW_CACHE:  # a few batches (the prefetcher's slots); oldest out first
-                self._views.pop(next(iter(self._views), None), None)
-            self._views[id(out)] = (out, args, _layouts(tensors), tensors)
+            entry = (out, args, _layouts(tensors), tensors)
+            with self._views_lock:  # dict.get above is atomic; evicting while another thread inserts is not
+                while len(self._views) >= _VIEW_CACHE:  # a few batches (the prefetcher's slots); oldest out first
+                    self._views.pop(next(iter(self._views)))
+                self._views[id(out)] = entry
         return out
 
     def sample(self, batch_size: int, window: bool = False) -> Batch:

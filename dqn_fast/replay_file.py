@@ -245,7 +245,7 @@ def _check_meta(meta) -> Tuple[dict, dict]:
             raise ValueError(f"config.{key} must be {what}, got {value!r}")
     for key in ("obs_dtype", "action_dtype"):
         # Only plain numeric type strings reach numpy (it parses far more).
-        if not (re.fullmatch(r"[<>|][biuf](1|2|4|8|16)", config[key]) and np.dtype(config[key]).str == config[key]):
+        if not (re.fullmatch(r"[<>|][biuf](1|2|4|8|16)", config[key]) and _dtype_str(config[key]) == config[key]):
             raise ValueError(f"config.{key} must be a bool, integer or float dtype string, got {config[key]!r}")
     config = dict(config, obs_dtype=np.dtype(config["obs_dtype"]), action_dtype=np.dtype(config["action_dtype"]))
     keys(state, ("next_seq", "head", "tail", "rng"), "state")
@@ -256,6 +256,14 @@ def _check_meta(meta) -> Tuple[dict, dict]:
     if not (isinstance(rng, list) and len(rng) == 4 and all(type(x) is int and 0 <= x < 2**64 for x in rng)):
         raise ValueError("state.rng must be 4 ints in [0, 2**64)")
     return config, state
+
+
+def _dtype_str(text: str) -> Optional[str]:
+    """numpy's spelling of a dtype string, None where numpy has no such type ('<i16', '|b2')."""
+    try:
+        return np.dtype(text).str
+    except (TypeError, ValueError):
+        return None
 
 
 def from_bytes(data: bytes):
