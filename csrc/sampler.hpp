@@ -197,9 +197,11 @@ private:
 // caller alone. On a quiet machine the pool is about twice as fast; with the
 // cores taken by other work (the learner's torch threads, env threads) a
 // worker wakes late or spins on a core the caller needs, and one thread is
-// faster. Every so often it times a few gathers each way (alternating, per
-// size class, in ns per byte) and keeps the faster mode, for longer each
-// time the choice stands, so the measuring costs little.
+// faster. Per size class (power of two of the bytes gathered) it times a few
+// gathers each way, alternating, keeps the faster mode (median ns per byte)
+// for a run of gathers, longer each time the choice stands, and measures
+// again at the end of a run, or early when the chosen mode gets 1.5x slower
+// than it measured (the load changed).
 class GatherTuner {
 public:
     bool use_pool(uint64_t bytes) { return cls(bytes).use_pool(); }
@@ -207,31 +209,37 @@ public:
 
 private:
     struct SizeClass {
-        static constexpr int kTrials = 5;            // per mode and exploration
-        static constexpr int kMinRun = 64, kMaxRun = 4096;  // gathers between explorations
+        static constexpr int kTrials = 5;                  // per mode and exploration
+        static constexpr int kMinRun = 64, kMaxRun = 512;  // gathers between explorations
         double trials[2][kTrials] = {};
         int tried[2] = {0, 0};
-        int left = 0;        // gathers left in the current exploitation run
+        int left = 0;        // gathers left in the current run
         int run = kMinRun;   // length of the next run
         bool pooled = true;  // the current choice
         bool exploring = true;
-        bool next_pooled = true;
+        double expected = 0, recent = 0;  // the choice's measured and recent (EWMA) ns per byte
 
-        bool use_pool() const { return exploring ? next_pooled : pooled; }
+        bool use_pool() const { return exploring ? tried[1] <= tried[0] : pooled; }
         void record(bool was_pooled, double per_byte) {
             if (!exploring) {
-                if (--left <= 0) exploring = true, tried[0] = tried[1] = 0, next_pooled = true;
+                recent += (per_byte - recent) / 8;
+                if (--left <= 0 || recent > 1.5 * expected) explore();
                 return;
             }
             int& n = tried[was_pooled];
             if (n < kTrials) trials[was_pooled][n++] = per_byte;
-            next_pooled = tried[1] <= tried[0];
             if (tried[0] < kTrials || tried[1] < kTrials) return;
-            const bool choice = median(trials[1]) < median(trials[0]);
+            const double serial = median(trials[0]), pool = median(trials[1]);
+            const bool choice = pool < serial;
             run = choice == pooled ? std::min(2 * run, kMaxRun) : kMinRun;
             pooled = choice;
+            expected = recent = choice ? pool : serial;
             left = run;
             exploring = false;
+        }
+        void explore() {
+            exploring = true;
+            tried[0] = tried[1] = 0;
         }
         static double median(const double* v) {
             double s[kTrials];
@@ -240,7 +248,7 @@ private:
             return s[kTrials / 2];
         }
     };
-    SizeClass& cls(uint64_t bytes) { return classes_[std::min(63, 63 - __builtin_clzll(bytes | 1))]; }
+    SizeClass& cls(uint64_t bytes) { return classes_[63 - __builtin_clzll(bytes | 1)]; }
     SizeClass classes_[64];
 };
 

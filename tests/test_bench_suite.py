@@ -8,7 +8,7 @@ import pytest
 from dqn_fast.bench import peers, report, run, suite
 
 TINY = dict(capacity=400, vector_capacity=200, add_capacity=100, repeats=2, add_steps_1env=20, add_steps_8env=4,
-            calls={32: 2, 256: 1}, ours_fill=500)
+            calls={32: 2, 256: 1}, ours_fill=500, load_window_s=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,20 @@ def test_results_json_holds_every_figure_with_its_repeats(results):
     assert len(ours["numpy_take_repeats"]) == TINY["repeats"]
     alone = saved["suite"]["dqn_fast_alone"]
     assert alone["memcpy_gb_per_s"] > 0 and alone["memory"]["len"] == TINY["ours_fill"]
+    load = saved["suite"]["under_load"]
+    for condition in ("quiet", "one_core_busy"):
+        for batch in ("32", "256"):
+            row = load[condition][batch]
+            assert len(row["one_thread_repeats"]) == len(row["default_repeats"]) == TINY["repeats"]
+            assert row["one_thread_per_s"] > 0 and row["default_over_one_thread"] > 0
+
+
+def test_the_busy_core_is_started_and_stopped_by_the_benchmark():
+    from dqn_fast.bench.under_load import BusyCore
+
+    with BusyCore() as busy:
+        assert busy.proc.poll() is None  # spinning
+    assert busy.proc.poll() is not None  # and gone, even though it never exits by itself
 
 
 def test_table_and_plots(results):
@@ -48,9 +62,10 @@ def test_table_and_plots(results):
     table = report.format_table(r)
     for name in r["suite"]["peers"]:
         assert name in table
-    assert "n/a" in table and "of memcpy" in table
+    assert "n/a" in table and "of memcpy" in table and "one core busy, default" in table
     md = (out / "report.md").read_text()
-    assert "| **dqn_fast** |" in md and "| SB3 |" in md and md.count("\n|") >= 2 + 3 + 2 + 3
+    assert "| **dqn_fast** |" in md and "| SB3 |" in md and md.count("\n|") >= 2 + 3 + 2 + 3 + 2 + 2
+    assert "| 256 |" in md  # the one-core-busy table
     for png in ("throughput.png", "memory.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -98,6 +98,7 @@ def format_table(r: dict) -> str:
             p = alone.get(f"sample_into_pinned_{b}")
             if p:
                 lines.append(f"  sample_into pinned, batch {b}: {p['per_s']:,.0f}/s (pageable {p['pageable_per_s']:,.0f}/s)")
+    lines += _under_load_lines(r)
     if "train" in r:
         t = r["train"]
         lines += [
@@ -108,6 +109,29 @@ def format_table(r: dict) -> str:
             f"  speedup             {t['speedup']:>8.2f}x",
         ]
     return "\n".join(lines)
+
+
+def _under_load_lines(r: dict, markdown: bool = False) -> List[str]:
+    u = r["suite"].get("under_load")
+    if not u:
+        return []
+    if "error" in u:
+        return ["", f"dqn_fast under load: ERROR {u['error']}"]
+    title = (f"dqn_fast sample_into, batches/s, buffers of {u['capacity']:,}: one sampling thread against the "
+             f"default, quiet and with one core kept busy by a busy loop ({u['window_s']:g} s rounds, interleaved; "
+             "in brackets: default / one thread, median of the per-round ratios)")
+    head = ["batch", "quiet, 1 thread", "quiet, default", "one core busy, 1 thread", "one core busy, default"]
+    rows = []
+    for b in ("32", "256"):
+        q, busy = u["quiet"][b], u["one_core_busy"][b]
+        rows.append([b, f"{q['one_thread_per_s']:,.0f}", f"{q['default_per_s']:,.0f} ({q['default_over_one_thread']:.2f}x)",
+                     f"{busy['one_thread_per_s']:,.0f}",
+                     f"{busy['default_per_s']:,.0f} ({busy['default_over_one_thread']:.2f}x)"])
+    if markdown:
+        return ["", title, "", "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|",
+                *("| " + " | ".join(row) + " |" for row in rows)]
+    return ["", title, "  " + "".join(f"{h:>26}" for h in head),
+            *("  " + "".join(f"{c:>26}" for c in row) for row in rows)]
 
 
 def plot(r: dict, out_dir: str) -> List[str]:
@@ -201,4 +225,5 @@ def markdown(r: dict) -> str:
         v, ours = row["vector"], name == "dqn_fast"
         out.append(f"| {'**' + name + '**' if ours else name} | "
                    + " | ".join(_cell(v.get(c), ours, gb_per_s=True) for c, _ in VECTOR_COLUMNS) + " |")
+    out += _under_load_lines(r, markdown=True)
     return "\n".join(out) + "\n"

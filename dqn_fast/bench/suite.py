@@ -17,7 +17,9 @@ Per peer, Atari-shaped (84x84 uint8 frames, stack 4):
             arrays' bytes where exposed, and both projected to 1M.
 And the CartPole-sized float32 case (add 1 env, sample 32/256).
 This project alone: RSS at 1M transitions, sample_into a pinned tensor when
-CUDA is present, memcpy bandwidth on this machine.
+CUDA is present, memcpy bandwidth on this machine, and sampling on one
+thread against the default threads, quiet and with one core busy
+(bench/under_load.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 from . import peers as P
 from .streams import FRAME, K, AtariEnvs, VectorEnvs
 from .timing import interleaved, median, rss_bytes
+from .under_load import measure_under_load
 
 FRAME_BYTES = FRAME[0] * FRAME[1]
 OBS_SHAPE = (K, *FRAME)
@@ -51,6 +54,7 @@ def sizes(quick: bool) -> dict:
         add_steps_8env=25 if quick else 50,
         calls={32: 20 if quick else 40, 256: 3 if quick else 6},
         ours_fill=50_000 if quick else 1_000_000,
+        load_window_s=0.25 if quick else 1.0,  # one timed round of the one-core-busy case
     )
 
 
@@ -341,5 +345,10 @@ def run_suite(quick: bool, only: Optional[list] = None, log=print, sizes_overrid
     results["dqn_fast_alone"] = in_child(measure_ours, s)
     err = results["dqn_fast_alone"].get("error")
     log(f"  dqn_fast alone (memcpy, {s['ours_fill']:,}-transition fill): {'ERROR ' + err if err else 'done'} "
+        f"({time.time() - start:.0f} s)")
+    start = time.time()
+    results["under_load"] = in_child(measure_under_load, s)
+    err = results["under_load"].get("error")
+    log(f"  dqn_fast sampling quiet and with one core busy: {'ERROR ' + err if err else 'done'} "
         f"({time.time() - start:.0f} s)")
     return results
