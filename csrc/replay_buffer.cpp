@@ -235,6 +235,19 @@ void ReplayBuffer::sample(int64_t batch_size, const SampleOut& out) {
     const uint64_t n = index_.size();
     if (n == 0) throw std::invalid_argument("cannot sample from an empty replay buffer: add transitions first");
 
+    // Everything that can fail (threads, allocation) happens before the
+    // draws, so a failed call leaves the PRNG where it was.
+    const uint64_t frames_per_item = out.frames ? uint64_t(k_) + 1 : 2 * uint64_t(k_);
+    const uint64_t item_bytes = frames_per_item * config_.layout.frame_bytes;
+    const uint64_t bytes = uint64_t(batch_size) * item_bytes;
+    const bool parallel = bytes >= kParallelGatherBytes && config_.sample_threads != 1;
+    if (parallel && !pool_) {
+        int threads = config_.sample_threads;
+        if (threads <= 0) threads = std::min(4, std::max(1, int(std::thread::hardware_concurrency())));
+        pool_ = std::make_unique<WorkerPool>(threads - 1);  // may start fewer (see WorkerPool)
+    }
+    const WorkerPool::Job job = [&](int64_t begin, int64_t end) { gather(begin, end, batch_size, out); };
+
     const Rng saved = rng_;
     for (int64_t i = 0; i < batch_size; ++i) out.ids[i] = index_.tail() + int64_t(rng_.below(n));
     if (out.frames && k_ > 1) {
@@ -248,27 +261,15 @@ void ReplayBuffer::sample(int64_t batch_size, const SampleOut& out) {
         }
     }
 
-    const uint64_t frames_per_item = out.frames ? uint64_t(k_) + 1 : 2 * uint64_t(k_);
-    const uint64_t item_bytes = frames_per_item * config_.layout.frame_bytes;
-    const uint64_t bytes = uint64_t(batch_size) * item_bytes;
-    const auto serial = [&] { gather(0, batch_size, batch_size, out); };
-    if (bytes < kParallelGatherBytes || config_.sample_threads == 1) return serial();
-    if (!pool_) {
-        int threads = config_.sample_threads;
-        if (threads <= 0) threads = std::min(4, std::max(1, int(std::thread::hardware_concurrency())));
-        pool_ = std::make_unique<WorkerPool>(threads - 1);  // may start fewer (see WorkerPool)
-    }
+    if (!parallel || pool_->threads() == 1) return job(0, batch_size);
     // Chunks of about 64 KB: small enough that a late worker leaves little
     // for the caller to wait on, large enough that claiming costs nothing.
     const int64_t chunk = int64_t(std::max<uint64_t>(1, (64 << 10) / std::max<uint64_t>(1, item_bytes)));
-    const auto pooled = [&] {
-        pool_->parallel_for(batch_size, chunk, [&](int64_t begin, int64_t end) { gather(begin, end, batch_size, out); });
-    };
-    if (config_.sample_threads > 1 || pool_->threads() == 1) return pool_->threads() == 1 ? serial() : pooled();
+    if (config_.sample_threads > 1) return pool_->parallel_for(batch_size, chunk, job);
     // Default threads: pool or caller alone, whichever measures faster now.
     const bool use_pool = tuner_.use_pool(bytes);
     const auto start = std::chrono::steady_clock::now();
-    use_pool ? pooled() : serial();
+    use_pool ? pool_->parallel_for(batch_size, chunk, job) : job(0, batch_size);
     tuner_.record(bytes, use_pool, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
 }
 

@@ -17,6 +17,9 @@ What the buffer promises (checked against ``tests/reference.py``):
 * Sampling is uniform with replacement, from a seeded per-buffer PRNG in C++.
 * ``add`` and ``sample_into`` release the GIL; they may run on different
   threads at once.
+* Bad input raises ``TypeError`` / ``ValueError`` (``MemoryError`` for sizes
+  that cannot be backed, ``ReplayFileError`` for files) and changes nothing;
+  the README's "What the buffer guarantees" lists them per entry point.
 * ``save``/``load`` write and read the whole state (frames, index, counters,
   PRNG), so a loaded buffer samples and adds exactly as the saved one would
   have. The file format and its checks are in ``dqn_fast/replay_file.py``.
@@ -139,7 +142,10 @@ class ReplayBuffer(_core.ReplayBufferCore):
             stacks ``(H, W, k)``.
         frame_reserve: extra frame slots for episode starts, as a fraction of
             capacity.
-        sample_threads: threads for large gathers (0: one per core, up to 4).
+        sample_threads: threads for large gathers, at most 256. 0 (default):
+            one per core, up to 4, used only while they measure faster than
+            the caller alone (they do not when other work keeps the cores
+            busy); N: always N; 1: the caller alone.
     """
 
     def __init__(
