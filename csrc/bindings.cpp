@@ -70,6 +70,9 @@ bool only_byte_order_differs(const py::dtype& got, const py::dtype& want) {
     return got.kind() == want.kind() && got.itemsize() == want.itemsize() && !is_native(got);
 }
 
+// float32 rounds finite magnitudes from 2^128 - 2^103 up to inf.
+const double kFloat32Overflow = std::ldexp(2.0 - std::ldexp(1.0, -24), 127);
+
 uint64_t product(const Shape& s, const char* what) {
     uint64_t n = 1;
     for (auto d : s) n = dqn_fast::checked_mul(n, uint64_t(d), what);
@@ -302,13 +305,14 @@ private:
                 check_int_range(np.attr("min")(a), dtype, name);
                 check_int_range(np.attr("max")(a), dtype, name);
             }
-            py::array converted(np.attr("asarray")(a, dtype));
-            if (dtype.kind() == 'f' && from == 'f' && a.dtype().itemsize() > dtype.itemsize() &&
-                np.attr("any")(np.attr("isinf")(converted) & np.attr("isfinite")(a)).cast<bool>()) {
-                throw py::value_error(std::string(name) + " holds a value too large for " + dtype_str(dtype) + " (" +
-                                      dtype_name + ")");
+            if (dtype.kind() == 'f' && dtype.itemsize() == 4 && from == 'f' && a.dtype().itemsize() > 4) {
+                py::object mag = np.attr("abs")(a);
+                if (np.attr("any")(np.attr("isfinite")(a) & mag.attr("__ge__")(kFloat32Overflow)).cast<bool>()) {
+                    throw py::value_error(std::string(name) + " holds a value too large for " + dtype_str(dtype) +
+                                          " (" + dtype_name + ")");
+                }
             }
-            a = converted;
+            a = py::array(np.attr("asarray")(a, dtype));
         }
         return (a.flags() & py::array::c_style) ? a : py::array::ensure(a, py::array::c_style);
     }
@@ -331,12 +335,12 @@ private:
             throw py::value_error("reward " + py::str(h).cast<std::string>().substr(0, 40) +
                                   "... is too large for float32");
         }
-        value = float(d);
-        if (std::isfinite(d) && !std::isfinite(value)) {
+        if (std::isfinite(d) && std::fabs(d) >= kFloat32Overflow) {
             char text[32];
             std::snprintf(text, sizeof text, "%.6g", d);
             throw py::value_error(std::string("reward ") + text + " is too large for float32");
         }
+        value = float(d);
         return true;
     }
 

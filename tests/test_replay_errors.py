@@ -145,6 +145,16 @@ def test_torch_outputs_must_be_on_the_cpu_and_plain(filled):
         (dict(seed=-1), ValueError, "seed must be None or an int"),
         (dict(frame_stack=0), ValueError, "frame_stack must be at least 1"),
         (dict(frame_reserve=-0.5), ValueError, "frame_reserve must be a fraction"),
+        (dict(frame_reserve=10**400), ValueError, "frame_reserve must be a fraction"),  # was OverflowError
+        # bounds, also what a loaded file's header is held to
+        (dict(num_envs=3_000_000, capacity=3_000_000), ValueError, "num_envs must be at most 1048576"),
+        (dict(sample_threads=257), ValueError, "sample_threads must be between 0 and 256"),
+        (dict(frame_stack=65, obs_shape=(65, 4)), ValueError, "frame_stack must be at most 64"),
+        (dict(capacity=2**64), ValueError, "capacity must be at most"),
+        (dict(obs_shape=(4, 2**63)), ValueError, "obs_shape must be a tuple of positive ints below 2"),
+        # the core reads native values only
+        (dict(obs_dtype=">f4"), TypeError, "obs_dtype must be in native byte order"),
+        (dict(action_dtype=">i8"), TypeError, "action_dtype must be in native byte order"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, match):
@@ -159,3 +169,82 @@ def test_too_large_a_buffer_is_a_memory_error_stating_the_bytes():
         ReplayBuffer(2_000_000_000, (4, 84, 84), frame_stack=4)  # ~15 TB
     with pytest.raises(MemoryError, match="bytes"):
         ReplayBuffer(10**18, (4,), obs_dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        # capacity * frame_bytes wraps to ~30 MB in uint64: this used to construct, then segfault on add
+        dict(capacity=2**20, obs_shape=(17592118935808,), frame_reserve=0.0),
+        dict(capacity=10, obs_shape=(2**40, 2**40)),  # one frame's bytes wrap
+        dict(capacity=10, obs_shape=(3,), action_shape=(2**40, 2**40)),  # one action's bytes wrap
+        dict(capacity=2**31, obs_shape=(3,), action_shape=(2**33,)),  # capacity * action bytes wraps
+    ],
+)
+def test_sizes_that_overflow_64_bits_are_a_memory_error_at_construction(kwargs):
+    with pytest.raises(MemoryError, match="bytes"):
+        ReplayBuffer(**kwargs)
+
+
+def test_per_env_state_is_counted_in_nbytes_and_the_memory_check():
+    # Streams and add plans are touched at construction (the frame store is not):
+    # the resident set must not grow by more than nbytes says.
+    from dqn_fast.bench.timing import rss_bytes
+
+    before = rss_bytes()
+    buf = ReplayBuffer(2**20, (1,), num_envs=2**20, frame_reserve=0.0)
+    grown = rss_bytes() - before
+    assert buf.nbytes >= 2**20 * 80  # streams + plans, not just the arrays
+    assert grown <= buf.nbytes
+    del buf
+
+
+def test_big_endian_inputs_are_converted_or_rejected_never_misread():
+    buf = ReplayBuffer(10, (3,), obs_dtype=np.float32, seed=0)
+    obs = np.arange(3, dtype=np.float32)
+    # actions and rewards are converted anyway: their byte order is honoured
+    buf.add(obs, np.array([3], ">i8"), np.array([1.0], ">f4"), obs + 1, np.array([1], ">i2"), False)
+    got = buf.sample(1)
+    assert got.action[0] == 3 and got.reward[0] == 1.0 and got.terminated[0]  # were 2^56 * 3, 4.6e-41
+    # observations and outputs are not: a TypeError naming the byte order
+    with pytest.raises(TypeError, match="obs must be in native byte order.*big-endian"):
+        buf.add(obs.astype(">f4"), 0, 0.0, obs, False, False)
+    with pytest.raises(TypeError, match="out.obs must be in native byte order.*big-endian"):
+        buf.sample_into(buf.empty_batch(2)._replace(obs=np.empty((2, 3), ">f4")))
+    with pytest.raises(TypeError, match="out.reward must be in native byte order"):
+        buf.sample_into(buf.empty_batch(2)._replace(reward=np.empty(2, ">f4")))
+    assert len(buf) == 1 and buf.sample(1).action[0] == 3
+
+
+@pytest.mark.parametrize(
+    "action,reward,match",
+    [
+        (2**63, 0.0, "action 9223372036854775808 does not fit int64"),  # was RuntimeError
+        (-(2**63) - 1, 0.0, "does not fit int64"),
+        (2**64, 0.0, "does not fit int64"),
+        (0, 10**400, "reward 1000.* is too large for float32"),  # was OverflowError
+        (0, 1e300, r"reward 1e\+300 is too large for float32"),  # was stored as inf
+        (0, np.array([1e300]), "reward holds a value too large for float32"),
+        (0, np.array([-3.5e38]), "reward holds a value too large for float32"),
+    ],
+)
+def test_scalars_that_do_not_fit_are_value_errors(action, reward, match):
+    buf = ReplayBuffer(10, (3,), obs_dtype=np.float32, seed=0)
+    obs = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=match):
+        buf.add(obs, action, reward, obs, False, False)
+    assert len(buf) == 0
+    buf.add(obs, 2**63 - 1, float("inf"), obs, False, False)  # the extremes that fit are stored as given
+    got = buf.sample(1)
+    assert got.action[0] == 2**63 - 1 and got.reward[0] == np.inf
+
+
+def test_integer_actions_outside_the_action_dtype_are_rejected_not_wrapped():
+    buf = ReplayBuffer(10, (3,), obs_dtype=np.float32, action_dtype=np.int8, num_envs=2, seed=0)
+    obs = np.zeros((2, 3), np.float32)
+    flags = np.zeros(2, bool)
+    for bad in (np.array([1, 300]), np.array([-129, 0]), np.array([2**63, 0], np.uint64)):
+        with pytest.raises(ValueError, match="action .* does not fit int8"):
+            buf.add(obs, bad, np.zeros(2), obs, flags, flags)
+    buf.add(obs, np.array([-128, 127]), np.zeros(2), obs, flags, flags)
+    assert sorted(buf.sample(64).action.tolist())[::63] == [-128, 127]
