@@ -174,7 +174,7 @@ class ReplayBuffer(_core.ReplayBufferCore):
         frame_shape = obs_shape
         if frame_stack > 1:
             axis = -1 if stack_last else 0
-            if obs_shape[axis] != frame_stack:
+            if not obs_shape or obs_shape[axis] != frame_stack:
                 raise ValueError(
                     f"obs_shape {obs_shape} must have frame_stack={frame_stack} frames on axis {stack_axis}"
                 )
@@ -213,6 +213,10 @@ class ReplayBuffer(_core.ReplayBufferCore):
         self._views_lock = threading.Lock()  # the prefetch thread and the caller both fill the cache
 
     def __repr__(self) -> str:
+        if "seed" not in self.__dict__:
+            # The native part was never built (a failed __init__, whose frame a
+            # traceback with locals still shows): touching it would crash.
+            return f"<{type(self).__name__}: not constructed>"
         return (
             f"ReplayBuffer(capacity={self.capacity}, obs_shape={self.obs_shape}, obs_dtype={self.obs_dtype}, "
             f"frame_stack={self.frame_stack}, num_envs={self.num_envs}, len={len(self)}, nbytes={self.nbytes})"

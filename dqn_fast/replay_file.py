@@ -179,7 +179,12 @@ def _read(cls, f, name: str):
     try:
         ReplayBuffer.__init__(buf, **config)
     except (TypeError, ValueError, MemoryError) as exc:
-        raise bad(f"header: invalid config: {exc}") from None
+        error = bad(f"header: invalid config: {exc}")
+    else:
+        error = None
+    if error is not None:
+        del buf  # never constructed: no frame of this traceback may hold it
+        raise error
     arrays = dict(buf._load_views(state["next_seq"], state["head"]))
     arrays["stream_open"] = np.empty(buf.num_envs, np.uint8)
     arrays["stream_seqs"] = np.empty((buf.num_envs, buf.frame_stack), np.int64)
