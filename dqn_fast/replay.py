@@ -122,7 +122,10 @@ def _writable_array(x, name: str):
     if hasattr(x, "numpy") and hasattr(x, "device"):
         if x.device.type != "cpu":
             raise TypeError(f"out.{name} must live in CPU memory, got a tensor on {x.device}")
-        return x.detach().numpy()
+        try:
+            return x.detach().numpy()
+        except RuntimeError as exc:  # conjugate/negative views, layouts numpy cannot share
+            raise TypeError(f"out.{name} must be a plain strided CPU tensor that numpy can view: {exc}") from None
     raise TypeError(f"out.{name} must be a numpy array or CPU torch tensor, got {type(x).__name__}")
 
 
@@ -167,8 +170,8 @@ class ReplayBuffer(_core.ReplayBufferCore):
         frame_stack = _positive_int(frame_stack, "frame_stack", _core.MAX_FRAME_STACK)
         num_envs = _positive_int(num_envs, "num_envs", _core.MAX_NUM_ENVS)
         obs_shape = _shape(obs_shape, "obs_shape")
-        action_shape = _shape(action_shape, "action_shape") if action_shape != () else ()
-        if stack_axis not in (0, -1):
+        action_shape = _shape(action_shape, "action_shape")
+        if isinstance(stack_axis, bool) or not isinstance(stack_axis, numbers.Integral) or stack_axis not in (0, -1):
             raise ValueError(f"stack_axis must be 0 (frames first) or -1 (channel-last), got {stack_axis!r}")
         stack_last = stack_axis == -1 and frame_stack > 1
         frame_shape = obs_shape
@@ -262,7 +265,13 @@ class ReplayBuffer(_core.ReplayBufferCore):
                 raise ValueError("pin_memory=True needs CUDA, which torch does not see; use pin_memory=False")
 
             def alloc(name):
-                return th.empty(shapes[name], dtype=_torch_dtype(dtypes[name]), pin_memory=pin_memory)
+                try:
+                    return th.empty(shapes[name], dtype=_torch_dtype(dtypes[name]), pin_memory=pin_memory)
+                except RuntimeError as exc:  # torch's CPU allocator says so with a RuntimeError
+                    if "allocate" not in str(exc):
+                        raise
+                    nbytes = int(np.prod(shapes[name], dtype=object)) * dtypes[name].itemsize
+                    raise MemoryError(f"cannot allocate {nbytes} bytes for out.{name} of a batch of {batch_size}") from None
         else:
 
             def alloc(name):
@@ -290,6 +299,8 @@ class ReplayBuffer(_core.ReplayBufferCore):
         if cached is not None and cached[0] is out and cached[2] == _layouts(cached[3]):
             self._sample_into(*cached[1])  # the same tensors, same memory and layout: skip ~35 us of Python
             return out
+        if not isinstance(out, Batch):
+            raise TypeError(f"out must be a Batch (from empty_batch), got {type(out).__name__}")
         window = out.frames is not None
         names = ("frames",) if window else ("obs", "next_obs")
         fields = {n: getattr(out, n) for n in names + ("action", "reward", "terminated", "truncated", "ids")}
