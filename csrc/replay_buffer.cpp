@@ -246,7 +246,7 @@ void ReplayBuffer::sample(int64_t batch_size, const SampleOut& out) {
         if (threads <= 0) threads = std::min(4, std::max(1, int(std::thread::hardware_concurrency())));
         pool_ = std::make_unique<WorkerPool>(threads - 1);  // may start fewer (see WorkerPool)
     }
-    const WorkerPool::Job job = [&](int64_t begin, int64_t end) { gather(begin, end, batch_size, out); };
+    const WorkerPool::Job job = [&](int64_t begin, int64_t end) { gather(begin, end, out); };
 
     const Rng saved = rng_;
     for (int64_t i = 0; i < batch_size; ++i) out.ids[i] = index_.tail() + int64_t(rng_.below(n));
@@ -262,9 +262,12 @@ void ReplayBuffer::sample(int64_t batch_size, const SampleOut& out) {
     }
 
     if (!parallel || pool_->threads() == 1) return job(0, batch_size);
-    // Chunks of about 64 KB: small enough that a late worker leaves little
-    // for the caller to wait on, large enough that claiming costs nothing.
-    const int64_t chunk = int64_t(std::max<uint64_t>(1, (64 << 10) / std::max<uint64_t>(1, item_bytes)));
+    // About four chunks per thread, and at least 64 KB each: small enough
+    // that a late worker leaves little for the caller to wait on, large
+    // enough that claiming costs nothing and each thread's prefetch of its
+    // next item is for an item it will copy itself.
+    const int64_t per_thread = (batch_size + 4 * pool_->threads() - 1) / (4 * pool_->threads());
+    const int64_t chunk = std::max<int64_t>(per_thread, int64_t((64 << 10) / std::max<uint64_t>(1, item_bytes)));
     if (config_.sample_threads > 1) return pool_->parallel_for(batch_size, chunk, job);
     // Default threads: pool or caller alone, whichever measures faster now.
     const bool use_pool = tuner_.use_pool(bytes);
@@ -285,16 +288,15 @@ void ReplayBuffer::prefetch_item(const uint32_t* f, bool window) const {
     }
 }
 
-// Items [begin, end) of a batch of n; prefetches the item after each, even
-// past `end` (another thread's chunk: a hint, nothing more).
-void ReplayBuffer::gather(int64_t begin, int64_t end, int64_t n, const SampleOut& out) const {
+// Items [begin, end) of a batch of n; prefetches the item after each.
+void ReplayBuffer::gather(int64_t begin, int64_t end, const SampleOut& out) const {
     const FrameLayout& layout = config_.layout;
     const uint64_t fb = layout.frame_bytes, ab = config_.action_bytes;
     const int k = k_;
     for (int64_t i = begin; i < end; ++i) {
         const uint64_t slot = index_.slot_of(out.ids[i]);
         const uint32_t* f = index_.frames_of(slot);
-        if (i + 1 < n) prefetch_item(index_.frames_of(index_.slot_of(out.ids[i + 1])), out.frames != nullptr);
+        if (i + 1 < end) prefetch_item(index_.frames_of(index_.slot_of(out.ids[i + 1])), out.frames != nullptr);
         if (out.frames) {
             uint8_t* dst = out.frames + uint64_t(i) * (k + 1) * fb;
             for (int j = 0; j < k; ++j) layout.write(dst, j, k + 1, store_.slot(f[j]));

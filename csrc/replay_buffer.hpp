@@ -118,7 +118,7 @@ private:
     bool is_shift(const uint8_t* obs, const uint8_t* next_obs);
     void push_frames(const uint8_t* obs, uint64_t runs, int64_t* seqs);
     void prefetch_item(const uint32_t* frames, bool window) const;
-    void gather(int64_t begin, int64_t end, int64_t n, const SampleOut& out) const;
+    void gather(int64_t begin, int64_t end, const SampleOut& out) const;
     void publish_counters();
 
     BufferConfig config_;
