@@ -48,23 +48,22 @@ inline uint64_t available_memory_bytes() {
     return (pages > 0 && page > 0) ? uint64_t(pages) * uint64_t(page) : 0;
 }
 
-// a * b, or AllocationError naming `what` when the product does not fit in
-// 64 bits (every size the core allocates goes through this or checked_add).
+[[noreturn]] inline void throw_size_overflow(uint64_t a, const char* op, uint64_t b, const char* what) {
+    throw AllocationError(std::string("cannot allocate ") + what + ": " + std::to_string(a) + op +
+                          std::to_string(b) + " bytes is more than 2^64 bytes");
+}
+
+// a * b and a + b, or AllocationError naming `what` when the result does not
+// fit in 64 bits: every size the core allocates goes through these.
 inline uint64_t checked_mul(uint64_t a, uint64_t b, const char* what) {
     uint64_t out;
-    if (__builtin_mul_overflow(a, b, &out)) {
-        throw AllocationError(std::string("cannot allocate ") + what + ": " + std::to_string(a) + " x " +
-                              std::to_string(b) + " bytes is more than 2^64 bytes");
-    }
+    if (__builtin_mul_overflow(a, b, &out)) throw_size_overflow(a, " x ", b, what);
     return out;
 }
 
 inline uint64_t checked_add(uint64_t a, uint64_t b, const char* what) {
     uint64_t out;
-    if (__builtin_add_overflow(a, b, &out)) {
-        throw AllocationError(std::string("cannot allocate ") + what + ": " + std::to_string(a) + " + " +
-                              std::to_string(b) + " bytes is more than 2^64 bytes");
-    }
+    if (__builtin_add_overflow(a, b, &out)) throw_size_overflow(a, " + ", b, what);
     return out;
 }
 
