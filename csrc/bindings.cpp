@@ -75,8 +75,21 @@ const double kFloat32Overflow = std::ldexp(2.0 - std::ldexp(1.0, -24), 127);
 
 uint64_t product(const Shape& s, const char* what) {
     uint64_t n = 1;
-    for (auto d : s) n = dqn_fast::checked_mul(n, uint64_t(d), what);
+    for (auto d : s) {
+        if (d < 1) throw py::value_error(std::string(what) + " must have positive dimensions, got " + shape_str(s));
+        n = dqn_fast::checked_mul(n, uint64_t(d), what);
+    }
     return n;
+}
+
+bool is_aligned(const py::array& a) { return a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_; }
+
+// `a` itself when it is C-contiguous (and aligned, where the core reads typed
+// values), else numpy's copy; a copy that cannot be allocated is a MemoryError
+// (py::array::ensure would return null, and the core would read through it).
+py::array c_contiguous(const py::array& a, bool typed) {
+    if ((a.flags() & py::array::c_style) && (!typed || is_aligned(a))) return a;
+    return py::array(py::module_::import("numpy").attr("ascontiguousarray")(a));
 }
 
 class PyReplayBuffer {
@@ -98,6 +111,12 @@ public:
         c.num_envs = num_envs;
         c.frame_stack = frame_stack;
         c.layout.elem_size = uint64_t(obs_dtype.itemsize());
+        for (const py::dtype* d : {&obs_dtype, &action_dtype}) {
+            const char kind = d->kind();
+            if (kind != 'b' && kind != 'i' && kind != 'u' && kind != 'f')
+                throw py::type_error("obs_dtype and action_dtype must be bool, integer or float dtypes, got " +
+                                     dtype_str(*d));
+        }
         if (!is_native(obs_dtype) || !is_native(action_dtype))
             throw py::type_error("obs_dtype and action_dtype must be in native byte order, got " +
                                  dtype_str(obs_dtype) + " and " + dtype_str(action_dtype));
@@ -278,7 +297,7 @@ private:
                                  dtype_str(a.dtype()));
         }
         check_batched_shape(a, obs_shape_, name);
-        return (a.flags() & py::array::c_style) ? a : py::array::ensure(a, py::array::c_style);
+        return c_contiguous(a, false);  // frames are copied with memcpy: any alignment will do
     }
 
     // num_envs items of `item_shape`, converted to `dtype` (native byte
@@ -288,33 +307,53 @@ private:
     // that would become inf is a ValueError, never a wrapped value.
     py::array per_env(py::handle h, const py::dtype& dtype, const Shape& item_shape, const char* name,
                       const char* dtype_name) const {
-        auto np = py::module_::import("numpy");
         const bool int_target = dtype.kind() == 'i' || dtype.kind() == 'u';
         if (int_target && PyLong_Check(h.ptr()) && !PyBool_Check(h.ptr())) check_int_range(h, dtype, name);
         py::array a = py::array::ensure(h);
         if (!a) throw py::type_error(std::string(name) + " must be array-like, got " + type_name(h));
-        const bool same = same_dtype(a.dtype(), dtype);
-        if (!same && !np.attr("can_cast")(a.dtype(), dtype, "same_kind").cast<bool>()) {
+        if (same_dtype(a.dtype(), dtype)) {
+            check_batched_shape(a, item_shape, name);
+            return c_contiguous(a, true);
+        }
+        auto np = py::module_::import("numpy");
+        if (!np.attr("can_cast")(a.dtype(), dtype, "same_kind").cast<bool>()) {
             throw py::type_error(std::string(name) + " must have a dtype castable to " + dtype_str(dtype) + " (" +
                                  dtype_name + "), got " + dtype_str(a.dtype()));
         }
         check_batched_shape(a, item_shape, name);
-        if (!same) {
-            const char from = a.dtype().kind();
-            if (int_target && (from == 'i' || from == 'u') && !np.attr("can_cast")(a.dtype(), dtype).cast<bool>()) {
+        const char from = a.dtype().kind();
+        if (!np.attr("can_cast")(a.dtype(), dtype).cast<bool>()) {  // narrowing: values must fit
+            if (int_target && (from == 'i' || from == 'u')) {
                 check_int_range(np.attr("min")(a), dtype, name);
                 check_int_range(np.attr("max")(a), dtype, name);
             }
-            if (dtype.kind() == 'f' && dtype.itemsize() == 4 && from == 'f' && a.dtype().itemsize() > 4) {
-                py::object mag = np.attr("abs")(a);
-                if (np.attr("any")(np.attr("isfinite")(a) & mag.attr("__ge__")(kFloat32Overflow)).cast<bool>()) {
-                    throw py::value_error(std::string(name) + " holds a value too large for " + dtype_str(dtype) +
-                                          " (" + dtype_name + ")");
-                }
-            }
-            a = py::array(np.attr("asarray")(a, dtype));
+            if (dtype.kind() == 'f') check_float_range(a, dtype, name);
         }
-        return (a.flags() & py::array::c_style) ? a : py::array::ensure(a, py::array::c_style);
+        return c_contiguous(py::array(np.attr("asarray")(a, dtype)), true);
+    }
+
+    // A narrowing cast to a float dtype must not turn a finite value into
+    // inf: magnitudes from max + half an ulp up round to it. float64 input
+    // (gymnasium's rewards) is checked here; anything else through numpy.
+    static void check_float_range(const py::array& a, const py::dtype& dtype, const char* name) {
+        const auto fail = [&] {
+            throw py::value_error(std::string(name) + " holds a value too large for " + dtype_str(dtype));
+        };
+        if (a.dtype().kind() == 'f' && a.dtype().itemsize() == 8 && is_native(a.dtype()) && dtype.itemsize() <= 4) {
+            const double limit = dtype.itemsize() == 4 ? kFloat32Overflow : 65520.0;  // float32, float16
+            const py::array c = c_contiguous(a, true);
+            const auto* v = static_cast<const double*>(c.data());
+            for (py::ssize_t i = 0; i < c.size(); ++i) {
+                if (std::isfinite(v[i]) && std::fabs(v[i]) >= limit) fail();
+            }
+            return;
+        }
+        auto np = py::module_::import("numpy");
+        py::object top = np.attr("finfo")(dtype).attr("max");
+        py::object ulp = top - np.attr("nextafter")(top, py::int_(0));  // the spacing just below max
+        py::object limit = np.attr("longdouble")(top) + np.attr("longdouble")(ulp) / py::int_(2);  // exact
+        py::object mag = np.attr("abs")(np.attr("asarray")(a, np.attr("longdouble")));
+        if (np.attr("any")(np.attr("isfinite")(mag) & mag.attr("__ge__")(limit)).cast<bool>()) fail();
     }
 
     static void check_int_range(py::handle value, const py::dtype& dtype, const char* name) {
@@ -363,7 +402,7 @@ private:
                 throw py::value_error(std::string(name) + " must hold only 0/1 or True/False values");
             a = py::array(np.attr("asarray")(a, "bool"));
         }
-        keep = (a.flags() & py::array::c_style) ? a : py::array::ensure(a, py::array::c_style);
+        keep = c_contiguous(a, false);
         return static_cast<const uint8_t*>(keep.data());
     }
 
@@ -404,6 +443,7 @@ private:
         if (!(a.flags() & py::array::c_style))
             throw py::value_error(std::string("out.") + name + " must be C-contiguous");
         if (!a.writeable()) throw py::value_error(std::string("out.") + name + " must be writable, it is read-only");
+        if (!is_aligned(a)) throw py::value_error(std::string("out.") + name + " must be aligned to its dtype");
         return a;
     }
 

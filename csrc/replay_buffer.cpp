@@ -6,6 +6,9 @@
 #include <stdexcept>
 #include <string>
 
+#include <sched.h>
+#include <unistd.h>
+
 namespace dqn_fast {
 
 namespace {
@@ -17,6 +20,13 @@ constexpr uint64_t kParallelGatherBytes = 256 * 1024;
 BufferConfig clamped(BufferConfig c) {
     c.capacity = std::min(c.capacity, uint64_t(1) << 33);
     return c;
+}
+
+// CPUs this process may run on (affinity masks, taskset, CPU sets), not the machine's.
+int usable_cpus() {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1, int(std::thread::hardware_concurrency()));
 }
 
 void require(bool ok, const std::string& message) {
@@ -241,10 +251,16 @@ void ReplayBuffer::sample(int64_t batch_size, const SampleOut& out) {
     const uint64_t item_bytes = frames_per_item * config_.layout.frame_bytes;
     const uint64_t bytes = uint64_t(batch_size) * item_bytes;
     const bool parallel = bytes >= kParallelGatherBytes && config_.sample_threads != 1;
+    if (pool_ && pool_pid_ != long(getpid())) {
+        // A forked child has none of the parent's threads: the pool can be
+        // neither used nor joined. Leak it and start a new one.
+        (void)pool_.release();
+    }
     if (parallel && !pool_) {
         int threads = config_.sample_threads;
-        if (threads <= 0) threads = std::min(4, std::max(1, int(std::thread::hardware_concurrency())));
+        if (threads <= 0) threads = std::min(4, usable_cpus());
         pool_ = std::make_unique<WorkerPool>(threads - 1);  // may start fewer (see WorkerPool)
+        pool_pid_ = long(getpid());
     }
     const WorkerPool::Job job = [&](int64_t begin, int64_t end) { gather(begin, end, out); };
 

@@ -133,6 +133,7 @@ private:
     std::vector<EnvPlan> plan_;
     std::vector<uint8_t> scratch_;  // two frames, for channel-last stacks
     std::unique_ptr<WorkerPool> pool_;
+    long pool_pid_ = 0;  // the process that started pool_ (a forked child must not use it)
     GatherTuner tuner_;
     mutable std::mutex mutex_;
     std::atomic<uint64_t> size_{0};

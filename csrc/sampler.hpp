@@ -16,6 +16,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -85,6 +86,8 @@ private:
 //    `active_ == 0` before returning (seq_cst on both sides), so no worker
 //    can read a finished job's state or write into the caller's memory
 //    after parallel_for returns.
+//  * A job that throws ends early and its first exception reaches the
+//    caller, after the same wait: no thread is left inside it.
 //  * Construction never leaves a half-built pool: if the OS refuses a thread
 //    (thread limit, address space), the pool keeps the threads that started,
 //    possibly none, and parallel_for still runs the whole job.
@@ -117,6 +120,8 @@ public:
 
     // Runs job over [0, n) in chunks of `chunk`, on the caller and whichever
     // workers join; returns when every chunk is done. One call at a time.
+    // A job that throws (on any thread) stops handing out chunks; the first
+    // exception is rethrown here once no worker is inside the job.
     void parallel_for(int64_t n, int64_t chunk, const Job& job) {
         if (threads_.empty()) return job(0, n);
         {
@@ -124,6 +129,7 @@ public:
             job_ = &job;
             n_ = n;
             chunk_ = std::max<int64_t>(1, chunk);
+            error_ = nullptr;
             next_.store(0, std::memory_order_relaxed);
             open_.store(true);
             generation_.fetch_add(1, std::memory_order_release);
@@ -139,14 +145,21 @@ public:
                 std::this_thread::yield();
             }
         }
+        if (error_) std::rethrow_exception(error_);
     }
 
 private:
     void run_chunks() {
-        for (;;) {
-            const int64_t begin = next_.fetch_add(chunk_, std::memory_order_relaxed);
-            if (begin >= n_) return;
-            (*job_)(begin, std::min(begin + chunk_, n_));
+        try {
+            for (;;) {
+                const int64_t begin = next_.fetch_add(chunk_, std::memory_order_relaxed);
+                if (begin >= n_) return;
+                (*job_)(begin, std::min(begin + chunk_, n_));
+            }
+        } catch (...) {
+            next_.store(n_);  // nobody claims more
+            std::lock_guard<std::mutex> lock(m_);
+            if (!error_) error_ = std::current_exception();
         }
     }
 
@@ -186,6 +199,7 @@ private:
     const Job* job_ = nullptr;  // job_, n_, chunk_: written before open_ is set
     int64_t n_ = 0;
     int64_t chunk_ = 1;
+    std::exception_ptr error_;  // the job's first exception, under m_
     std::atomic<int64_t> next_{0};
     std::atomic<bool> open_{false};
     std::atomic<int> active_{0};
@@ -198,7 +212,7 @@ private:
 // cores taken by other work (the learner's torch threads, env threads) a
 // worker wakes late or spins on a core the caller needs, and one thread is
 // faster. Per size class (power of two of the bytes gathered) it times a few
-// gathers each way, alternating, keeps the faster mode (median ns per byte)
+// gathers each way, in two blocks, keeps the faster mode (median ns per byte)
 // for a run of gathers, longer each time the choice stands, and measures
 // again at the end of a run, or early when the chosen mode gets 1.5x slower
 // than it measured (the load changed).
@@ -209,26 +223,32 @@ public:
 
 private:
     struct SizeClass {
-        static constexpr int kTrials = 5;                  // per mode and exploration
+        static constexpr int kTrials = 5;                  // kept per mode and exploration
         static constexpr int kMinRun = 64, kMaxRun = 512;  // gathers between explorations
         double trials[2][kTrials] = {};
-        int tried[2] = {0, 0};
+        int step = 0;        // gathers into the current exploration
         int left = 0;        // gathers left in the current run
         int run = kMinRun;   // length of the next run
         bool pooled = true;  // the current choice
         bool exploring = true;
         double expected = 0, recent = 0;  // the choice's measured and recent (EWMA) ns per byte
 
-        bool use_pool() const { return exploring ? tried[1] <= tried[0] : pooled; }
+        // Exploration: kTrials + 1 pooled gathers, then kTrials + 1 on the
+        // caller alone. The first of each block is dropped: it pays for the
+        // switch (waking parked workers; workers still spinning from the
+        // pool's block and taking a core from the caller), which steady use
+        // of either mode does not.
+        static constexpr int kBlock = kTrials + 1;
+        bool use_pool() const { return exploring ? step < kBlock : pooled; }
         void record(bool was_pooled, double per_byte) {
             if (!exploring) {
                 recent += (per_byte - recent) / 8;
-                if (--left <= 0 || recent > 1.5 * expected) explore();
+                if (--left <= 0 || recent > 1.5 * expected) exploring = true, step = 0;
                 return;
             }
-            int& n = tried[was_pooled];
-            if (n < kTrials) trials[was_pooled][n++] = per_byte;
-            if (tried[0] < kTrials || tried[1] < kTrials) return;
+            const int i = step % kBlock;
+            if (i > 0) trials[was_pooled][i - 1] = per_byte;
+            if (++step < 2 * kBlock) return;
             const double serial = median(trials[0]), pool = median(trials[1]);
             const bool choice = pool < serial;
             run = choice == pooled ? std::min(2 * run, kMaxRun) : kMinRun;
@@ -236,10 +256,6 @@ private:
             expected = recent = choice ? pool : serial;
             left = run;
             exploring = false;
-        }
-        void explore() {
-            exploring = true;
-            tried[0] = tried[1] = 0;
         }
         static double median(const double* v) {
             double s[kTrials];

@@ -27,8 +27,10 @@ What the buffer promises (checked against ``tests/reference.py``):
 
 from __future__ import annotations
 
+import math
 import numbers
 import secrets
+import sys
 import threading
 from typing import Any, NamedTuple, Optional, Tuple
 
@@ -79,6 +81,8 @@ def _shape(value, name: str) -> Tuple[int, ...]:
         shape = tuple(value)
     except TypeError:
         raise TypeError(f"{name} must be a tuple of ints, got {type(value).__name__}") from None
+    if len(shape) > _MAX_DIMS:
+        raise ValueError(f"{name} must have at most {_MAX_DIMS} dimensions, got {len(shape)}")
     if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape):
         raise TypeError(f"{name} must be a tuple of ints, got {shape}")
     if not all(1 <= d < 2**63 for d in shape):
@@ -109,6 +113,7 @@ def _positive_int(value, name: str, most: int = 2**63 - 1) -> int:
 
 
 _VIEW_CACHE = 4
+_MAX_DIMS = 32  # numpy allows 64, and a batch adds one
 
 
 def _layouts(tensors) -> list:
@@ -119,7 +124,8 @@ def _writable_array(x, name: str):
     """numpy view of an output field (torch CPU tensors share their memory)."""
     if isinstance(x, np.ndarray):
         return x
-    if hasattr(x, "numpy") and hasattr(x, "device"):
+    torch = sys.modules.get("torch")  # a tensor means torch is imported already
+    if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             raise TypeError(f"out.{name} must live in CPU memory, got a tensor on {x.device}")
         try:
@@ -171,7 +177,9 @@ class ReplayBuffer(_core.ReplayBufferCore):
         num_envs = _positive_int(num_envs, "num_envs", _core.MAX_NUM_ENVS)
         obs_shape = _shape(obs_shape, "obs_shape")
         action_shape = _shape(action_shape, "action_shape")
-        if isinstance(stack_axis, bool) or not isinstance(stack_axis, numbers.Integral) or stack_axis not in (0, -1):
+        if isinstance(stack_axis, bool) or not isinstance(stack_axis, numbers.Integral):
+            raise TypeError(f"stack_axis must be an int, got {type(stack_axis).__name__}")
+        if stack_axis not in (0, -1):
             raise ValueError(f"stack_axis must be 0 (frames first) or -1 (channel-last), got {stack_axis!r}")
         stack_last = stack_axis == -1 and frame_stack > 1
         frame_shape = obs_shape
@@ -186,7 +194,9 @@ class ReplayBuffer(_core.ReplayBufferCore):
                 raise ValueError(f"obs_shape {obs_shape} has no room for a frame besides the stack axis")
         if seed is None:
             seed = secrets.randbits(64)
-        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
+        elif not 0 <= seed < 2**64:
             raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
         if isinstance(frame_reserve, bool) or not isinstance(frame_reserve, numbers.Real):
             raise TypeError(f"frame_reserve must be a float, got {type(frame_reserve).__name__}")
@@ -267,11 +277,11 @@ class ReplayBuffer(_core.ReplayBufferCore):
             def alloc(name):
                 try:
                     return th.empty(shapes[name], dtype=_torch_dtype(dtypes[name]), pin_memory=pin_memory)
-                except RuntimeError as exc:  # torch's CPU allocator says so with a RuntimeError
-                    if "allocate" not in str(exc):
-                        raise
-                    nbytes = int(np.prod(shapes[name], dtype=object)) * dtypes[name].itemsize
-                    raise MemoryError(f"cannot allocate {nbytes} bytes for out.{name} of a batch of {batch_size}") from None
+                except RuntimeError as exc:  # torch reports a failed or impossible allocation so
+                    nbytes = math.prod(shapes[name]) * dtypes[name].itemsize
+                    raise MemoryError(
+                        f"cannot allocate {nbytes} bytes for out.{name} of a batch of {batch_size}: {exc}"
+                    ) from None
         else:
 
             def alloc(name):

@@ -142,7 +142,7 @@ def test_torch_outputs_must_be_on_the_cpu_and_plain(filled):
         (dict(obs_dtype=object), TypeError, "obs_dtype must be a bool, integer or float dtype"),
         (dict(obs_dtype="not a dtype"), TypeError, "obs_dtype must be a numpy dtype"),
         (dict(stack_axis=1), ValueError, "stack_axis must be 0"),
-        (dict(seed=-1), ValueError, "seed must be None or an int"),
+        (dict(seed=-1), ValueError, "seed must be None or an int in"),
         (dict(frame_stack=0), ValueError, "frame_stack must be at least 1"),
         (dict(frame_reserve=-0.5), ValueError, "frame_reserve must be a fraction"),
         (dict(frame_reserve=10**400), ValueError, "frame_reserve must be a fraction"),  # was OverflowError
@@ -248,3 +248,80 @@ def test_integer_actions_outside_the_action_dtype_are_rejected_not_wrapped():
             buf.add(obs, bad, np.zeros(2), obs, flags, flags)
     buf.add(obs, np.array([-128, 127]), np.zeros(2), obs, flags, flags)
     assert sorted(buf.sample(64).action.tolist())[::63] == [-128, 127]
+
+
+def test_narrowing_to_a_float_action_dtype_must_not_overflow():
+    buf = ReplayBuffer(10, (3,), obs_dtype=np.float32, action_dtype=np.float16, seed=0)
+    obs = np.zeros(3, np.float32)
+    for bad in ([1e6], np.array([100000]), np.array([65520.0]), np.array([-(2**63)])):  # each would become inf
+        with pytest.raises(ValueError, match="action holds a value too large for float16"):
+            buf.add(obs, bad, 0.0, obs, False, False)
+    buf.add(obs, np.array([65519.0]), 0.0, obs, False, False)  # rounds to float16's max: kept
+    assert buf.sample(1).action[0] == np.finfo(np.float16).max
+
+
+def test_misaligned_arrays_are_copied_as_inputs_and_refused_as_outputs():
+    # The core reads rewards and writes ids/rewards as typed values: never through a misaligned pointer.
+    buf = ReplayBuffer(10, (3,), obs_dtype=np.float32, num_envs=2, seed=0)
+    raw = np.zeros(2 * 4 + 1, np.uint8)
+    reward = raw[1:].view(np.float32)
+    reward[:] = [1.5, -2.0]
+    assert not reward.flags.aligned
+    obs, flags = np.zeros((2, 3), np.float32), np.zeros(2, bool)
+    buf.add(obs, np.array([0, 1]), reward, obs, flags, flags)
+    got = buf.sample(16)
+    assert {(a, r) for a, r in zip(got.action.tolist(), got.reward.tolist())} <= {(0, 1.5), (1, -2.0)}
+    for name, dtype in (("ids", np.int64), ("reward", np.float32)):
+        raw = np.zeros(4 * np.dtype(dtype).itemsize + 1, np.uint8)
+        with pytest.raises(ValueError, match=f"out.{name} must be aligned"):
+            buf.sample_into(buf.empty_batch(4)._replace(**{name: raw[1:].view(dtype)}))
+    assert len(buf) == 2
+
+
+def test_the_core_class_checks_dtype_kinds_itself():
+    # replay.py checks them first; the bindings must not trust that (object dtypes would copy pointers).
+    from dqn_fast import _core
+
+    with pytest.raises(TypeError, match="bool, integer or float"):
+        _core.ReplayBufferCore(10, 1, 1, [1], np.dtype(object), [], np.dtype(np.int64), 0, False, 0.0, 0)
+    with pytest.raises(ValueError, match="positive dimensions"):
+        _core.ReplayBufferCore(10, 1, 1, [-1], np.dtype(np.uint8), [], np.dtype(np.int64), 0, False, 0.0, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(seed="x"), TypeError, "seed must be None or an int"),
+        (dict(stack_axis="x"), TypeError, "stack_axis must be an int"),
+        (dict(obs_shape=(1,) * 33, frame_stack=1), ValueError, "at most 32 dimensions"),
+    ],
+)
+def test_wrong_types_are_type_errors_and_shapes_have_bounded_rank(kwargs, error, match):
+    args = dict(capacity=100, obs_shape=(4, 84, 84), frame_stack=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        ReplayBuffer(**args)
+
+
+COPY_UNDER_A_LIMIT = """
+import resource, re, numpy as np
+from dqn_fast import ReplayBuffer
+buf = ReplayBuffer(4, (1 << 27,), seed=0)  # 128 MiB frames, untouched
+obs = np.broadcast_to(np.uint8(7), (1 << 27,))  # zero-stride: the buffer must copy it
+vm = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.RLIM_INFINITY))  # no room for the copy
+try:
+    buf.add(obs, 0, 0.0, obs, False, False)
+except MemoryError:
+    print("MemoryError", len(buf))
+"""
+
+
+def test_an_input_copy_that_cannot_be_allocated_is_a_memory_error_under_an_address_space_limit(tmp_path):
+    # numpy's copy fails; the bindings used to read through the null array it left (segfault).
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", COPY_UNDER_A_LIMIT], cwd=tmp_path, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()[-600:]
+    assert out.stdout.decode().split() == ["MemoryError", "0"]
