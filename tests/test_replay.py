@@ -243,3 +243,34 @@ def test_torch_outputs_reshaped_in_place_or_many_at_once_are_checked_and_correct
     out.action.resize_(3)  # same memory, new shape: the shape check runs again
     with pytest.raises(ValueError, match=r"out.action must have shape \(10,\)"):
         buf.sample_into(out)
+
+
+def test_a_forked_child_samples_with_threads_of_its_own():
+    # The parent's gather threads do not exist in a fork: the child must start
+    # its own pool, never wait for (or join) the parent's.
+    import os
+    import time
+
+    cfg = StreamConfig(frame_stack=4, frame_shape=(84, 84), min_len=20, max_len=60, palette=256)
+    buf, streams = make_buffer(cfg, 300, seed=1), EpisodeStreams(cfg, 1)
+    for _ in range(300):
+        buf.add(*streams.step())
+    buf.sample(64)  # large enough for the pool: the parent's threads start
+    pid = os.fork()
+    if pid == 0:  # child: exit code says what happened, nothing else runs here
+        try:
+            code = 0 if len(buf.sample(64).ids) == 64 and len(buf.sample(64).ids) == 64 else 1
+        except BaseException:
+            code = 2
+        os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung while sampling")
+    assert os.waitstatus_to_exitcode(status) == 0
