@@ -89,7 +89,9 @@ bool is_aligned(const py::array& a) { return a.flags() & py::detail::npy_api::NP
 // (py::array::ensure would return null, and the core would read through it).
 py::array c_contiguous(const py::array& a, bool typed) {
     if ((a.flags() & py::array::c_style) && (!typed || is_aligned(a))) return a;
-    return py::array(py::module_::import("numpy").attr("ascontiguousarray")(a));
+    // np.require copies unless C-contiguous, aligned and a base-class ndarray (ascontiguousarray
+    // keeps a misaligned contiguous view), and raises MemoryError when it cannot
+    return py::array(py::module_::import("numpy").attr("require")(a, py::none(), "CAE"));
 }
 
 class PyReplayBuffer {
