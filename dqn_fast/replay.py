@@ -102,14 +102,19 @@ def _dtype(value, name: str) -> np.dtype:
     return dtype
 
 
-def _positive_int(value, name: str, most: int = 2**63 - 1) -> int:
+def _int(value, name: str, what: str = "an int") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return int(value)
+
+
+def _positive_int(value, name: str, most: int = 2**63 - 1) -> int:
+    value = _int(value, name)
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
     if value > most:
         raise ValueError(f"{name} must be at most {most}, got {value}")
-    return int(value)
+    return value
 
 
 _VIEW_CACHE = 4
@@ -177,9 +182,7 @@ class ReplayBuffer(_core.ReplayBufferCore):
         num_envs = _positive_int(num_envs, "num_envs", _core.MAX_NUM_ENVS)
         obs_shape = _shape(obs_shape, "obs_shape")
         action_shape = _shape(action_shape, "action_shape")
-        if isinstance(stack_axis, bool) or not isinstance(stack_axis, numbers.Integral):
-            raise TypeError(f"stack_axis must be an int, got {type(stack_axis).__name__}")
-        if stack_axis not in (0, -1):
+        if _int(stack_axis, "stack_axis") not in (0, -1):
             raise ValueError(f"stack_axis must be 0 (frames first) or -1 (channel-last), got {stack_axis!r}")
         stack_last = stack_axis == -1 and frame_stack > 1
         frame_shape = obs_shape
@@ -194,17 +197,13 @@ class ReplayBuffer(_core.ReplayBufferCore):
                 raise ValueError(f"obs_shape {obs_shape} has no room for a frame besides the stack axis")
         if seed is None:
             seed = secrets.randbits(64)
-        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
-        elif not 0 <= seed < 2**64:
+        elif not 0 <= _int(seed, "seed", "None or an int") < 2**64:
             raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
         if isinstance(frame_reserve, bool) or not isinstance(frame_reserve, numbers.Real):
             raise TypeError(f"frame_reserve must be a float, got {type(frame_reserve).__name__}")
         if not 0 <= frame_reserve <= 64:  # also NaN; compared before float() (a huge int overflows it)
             raise ValueError(f"frame_reserve must be a fraction between 0 and 64, got {frame_reserve!r}")
-        if isinstance(sample_threads, bool) or not isinstance(sample_threads, numbers.Integral):
-            raise TypeError(f"sample_threads must be an int, got {type(sample_threads).__name__}")
-        if not 0 <= sample_threads <= _core.MAX_SAMPLE_THREADS:
+        if not 0 <= _int(sample_threads, "sample_threads") <= _core.MAX_SAMPLE_THREADS:
             raise ValueError(f"sample_threads must be between 0 and {_core.MAX_SAMPLE_THREADS}, got {sample_threads}")
         super().__init__(
             capacity,

@@ -12,6 +12,7 @@ per-round ratios default / one thread.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -60,10 +61,7 @@ def measure_under_load(s: dict) -> dict:
     out: dict = {"capacity": s["capacity"], "window_s": seconds}
     for condition in ("quiet", "one_core_busy"):
         rows = out[condition] = {}
-        busy = BusyCore() if condition == "one_core_busy" else None
-        if busy:
-            busy.__enter__()
-        try:
+        with BusyCore() if condition == "one_core_busy" else contextlib.nullcontext():
             for batch in (32, 256):
                 fns = {name: sample_window(b, b.empty_batch(batch), seconds) for name, b in bufs.items()}
                 rates = interleaved(fns, repeats, warmup=1)
@@ -74,7 +72,4 @@ def measure_under_load(s: dict) -> dict:
                     "one_thread_repeats": rates["one_thread"],
                     "default_repeats": rates["default"],
                 }
-        finally:
-            if busy:
-                busy.__exit__(None, None, None)
     return out
