@@ -98,7 +98,8 @@ class PyReplayBuffer {
 public:
     PyReplayBuffer(uint64_t capacity, int num_envs, int frame_stack, const Shape& frame_shape, py::dtype obs_dtype,
                    const Shape& action_shape, py::dtype action_dtype, uint64_t seed, bool stack_last,
-                   double frame_reserve, int sample_threads)
+                   double frame_reserve, int sample_threads, int n_step, double gamma, bool prioritized,
+                   double alpha, double priority_eps)
         : obs_dtype_(obs_dtype), action_dtype_(action_dtype), action_shape_(action_shape) {
         obs_shape_ = frame_shape;
         if (frame_stack > 1) {
@@ -129,6 +130,11 @@ public:
         c.frame_reserve = frame_reserve;
         c.seed = seed;
         c.sample_threads = sample_threads;
+        c.n_step = n_step;
+        c.gamma = gamma;
+        c.prioritized = prioritized;
+        c.alpha = alpha;
+        c.priority_eps = priority_eps;
         if (c.action_bytes == 0) throw py::value_error("action_shape must hold at least one element");
         core_ = std::make_unique<ReplayBuffer>(c);
     }
@@ -170,21 +176,34 @@ public:
         core_->add(args);
     }
 
-    void sample_into(py::handle obs, py::handle next_obs, py::handle frames, py::handle action, py::handle reward,
-                     py::handle terminated, py::handle truncated, py::handle ids) {
+    // Fills `out` with a drawn batch (ids_in is None) or with the stored
+    // transitions ids_in (get). weights, discount and next_start may be None.
+    void fill_into(py::handle obs, py::handle next_obs, py::handle frames, py::handle action, py::handle reward,
+                   py::handle terminated, py::handle truncated, py::handle ids, py::handle weights,
+                   py::handle discount, py::handle next_start, double beta, py::handle ids_in) {
+        if (!std::isfinite(beta) || beta < 0)
+            throw py::value_error("beta must be finite and >= 0, got " + py::str(py::float_(beta)).cast<std::string>());
         py::array ids_a = output(ids, py::dtype::of<int64_t>(), {}, "ids", -1);
         const py::ssize_t b = ids_a.shape(0);
         if (b < 1) throw py::value_error("batch_size must be at least 1, got " + std::to_string(b));
+        py::array request;
+        if (!ids_in.is_none()) {
+            request = id_array(ids_in, "ids");
+            if (request.shape(0) != b)
+                throw py::value_error("ids has " + std::to_string(request.shape(0)) + " entries but out holds a batch of " +
+                                      std::to_string(b));
+        }
         SampleOut out;
         std::vector<py::array> keep;
         const bool window = !frames.is_none();
+        const auto& config = core_->config();
         if (window) {
-            const int k = core_->config().frame_stack;
+            const int row = config.frame_stack + config.n_step;
             Shape wshape = frame_shape();
-            if (core_->config().layout.stack_last) {
-                wshape.push_back(k + 1);
+            if (config.layout.stack_last) {
+                wshape.push_back(row);
             } else {
-                wshape.insert(wshape.begin(), k + 1);
+                wshape.insert(wshape.begin(), row);
             }
             keep.push_back(output(frames, obs_dtype_, wshape, "frames", b));
             out.frames = static_cast<uint8_t*>(keep.back().mutable_data());
@@ -204,9 +223,64 @@ public:
         out.truncated = static_cast<uint8_t*>(keep.back().mutable_data());
         keep.push_back(ids_a);
         out.ids = static_cast<int64_t*>(ids_a.mutable_data());
+        if (!weights.is_none()) {
+            keep.push_back(output(weights, py::dtype::of<float>(), {}, "weights", b));
+            out.weights = static_cast<float*>(keep.back().mutable_data());
+        }
+        if (!discount.is_none()) {
+            keep.push_back(output(discount, py::dtype::of<float>(), {}, "discount", b));
+            out.discount = static_cast<float*>(keep.back().mutable_data());
+        }
+        if (!next_start.is_none()) {
+            keep.push_back(output(next_start, py::dtype::of<int64_t>(), {}, "next_start", b));
+            out.next_start = static_cast<int64_t*>(keep.back().mutable_data());
+        }
         check_disjoint(keep);
+        // (a default py::array is an empty array, not a null handle: test ids_in)
+        const int64_t* wanted = ids_in.is_none() ? nullptr : static_cast<const int64_t*>(request.data());
         py::gil_scoped_release release;
-        core_->sample(b, out);
+        if (wanted) {
+            core_->get(b, wanted, beta, out);
+        } else {
+            core_->sample(b, beta, out);
+        }
+    }
+
+    void update_priorities(py::handle ids, py::handle priorities) {
+        py::array ids_a = id_array(ids, "ids");
+        py::array p = py::array::ensure(priorities);
+        if (!p) throw py::type_error("priorities must be array-like, got " + type_name(priorities));
+        const char kind = p.dtype().kind();
+        if (kind != 'f' && kind != 'i' && kind != 'u')
+            throw py::type_error("priorities must be a float or integer array, got dtype " + dtype_str(p.dtype()));
+        if (p.ndim() == 0) p = py::array(py::module_::import("numpy").attr("reshape")(p, py::make_tuple(1)));
+        if (p.ndim() != 1 || p.shape(0) != ids_a.shape(0))
+            throw py::value_error("priorities must have shape (" + std::to_string(ids_a.shape(0)) +
+                                  ",) like ids, got " + shape_str(shape_of(p)));
+        p = c_contiguous(py::array(py::module_::import("numpy").attr("asarray")(p, "float64")), true);
+        const auto* v = static_cast<const double*>(p.data());
+        const py::ssize_t n = p.shape(0);
+        for (py::ssize_t i = 0; i < n; ++i) {
+            if (!(std::isfinite(v[i]) && v[i] >= 0)) {
+                throw py::value_error("priorities must be finite and >= 0, got " +
+                                      py::str(py::float_(v[i])).cast<std::string>() + " at index " +
+                                      std::to_string(i) + " (nothing was updated)");
+            }
+        }
+        const auto* id = static_cast<const int64_t*>(ids_a.data());
+        py::gil_scoped_release release;
+        core_->update_priorities(id, v, n);
+    }
+
+    py::array probabilities(py::handle ids) {
+        py::array ids_a = id_array(ids, "ids");
+        py::array_t<double> out(ids_a.shape(0));
+        const auto* id = static_cast<const int64_t*>(ids_a.data());
+        double* dst = out.mutable_data();
+        const int64_t n = ids_a.shape(0);
+        py::gil_scoped_release release;
+        if (n > 0) core_->probabilities(id, n, dst);
+        return out;
     }
 
     Shape frame_shape() const {
@@ -246,6 +320,7 @@ public:
         state["rng"] = py::make_tuple(s.rng[0], s.rng[1], s.rng[2], s.rng[3]);
         state["stream_open"] = open;
         state["stream_seqs"] = seqs;
+        state["max_priority"] = s.max_priority;
         return write(state, views(self, s.next_seq, s.head, false));
     }
 
@@ -259,7 +334,7 @@ public:
 
     void restore(int64_t next_seq, int64_t head, int64_t tail, const std::vector<uint64_t>& rng,
                  const py::array_t<uint8_t, py::array::c_style>& open,
-                 const py::array_t<int64_t, py::array::c_style>& seqs) {
+                 const py::array_t<int64_t, py::array::c_style>& seqs, double max_priority) {
         const int ne = core_->num_envs(), k = core_->config().frame_stack;
         if (rng.size() != 4) throw py::value_error("the PRNG state must be 4 integers");
         if (open.ndim() != 1 || open.shape(0) != ne || seqs.ndim() != 2 || seqs.shape(0) != ne || seqs.shape(1) != k)
@@ -269,6 +344,7 @@ public:
         s.head = head;
         s.tail = tail;
         std::copy(rng.begin(), rng.end(), s.rng);
+        s.max_priority = max_priority;
         s.streams.resize(ne);
         for (int e = 0; e < ne; ++e) {
             if (open.at(e) > 1) throw py::value_error("stream open flags must be 0 or 1");
@@ -286,6 +362,25 @@ public:
     py::dtype action_dtype() const { return action_dtype_; }
 
 private:
+    // Transition ids: a 1-D integer array (a scalar counts as one), as int64.
+    static py::array id_array(py::handle h, const char* name) {
+        if (h.is_none() || PyFloat_Check(h.ptr()) || PyUnicode_Check(h.ptr()) || PyBool_Check(h.ptr()))
+            throw py::type_error(std::string(name) + " must be an integer array, got " + type_name(h));
+        py::array a = py::array::ensure(h);
+        if (!a) throw py::type_error(std::string(name) + " must be an integer array, got " + type_name(h));
+        const char kind = a.dtype().kind();
+        if (kind != 'i' && kind != 'u')
+            throw py::type_error(std::string(name) + " must be an integer array, got dtype " + dtype_str(a.dtype()));
+        auto np = py::module_::import("numpy");
+        if (a.ndim() == 0) a = py::array(np.attr("reshape")(a, py::make_tuple(1)));
+        if (a.ndim() != 1) throw py::value_error(std::string(name) + " must be 1-D, got shape " + shape_str(shape_of(a)));
+        if (kind == 'u' && a.dtype().itemsize() == 8 && a.size() > 0 &&
+            np.attr("max")(a).cast<uint64_t>() > uint64_t(INT64_MAX))
+            throw py::value_error(std::string(name) + " holds " + py::str(np.attr("max")(a)).cast<std::string>() +
+                                  ", which is no transition id");
+        return c_contiguous(py::array(np.attr("asarray")(a, "int64")), true);
+    }
+
     // A C-contiguous view (or copy) of a batch of observations, shape checked.
     py::array observation(py::handle h, const char* name) const {
         py::array a = py::array::ensure(h);
@@ -484,6 +579,7 @@ PYBIND11_MODULE(_core, m) {
     m.attr("MAX_NUM_ENVS") = dqn_fast::kMaxNumEnvs;
     m.attr("MAX_SAMPLE_THREADS") = dqn_fast::kMaxSampleThreads;
     m.attr("MAX_FRAME_STACK") = dqn_fast::kMaxFrameStack;
+    m.attr("MAX_N_STEP") = dqn_fast::kMaxNStep;
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);
@@ -508,16 +604,58 @@ PYBIND11_MODULE(_core, m) {
         py::arg("data"), py::arg("value") = 0,
         "CRC-32C of a contiguous buffer, continuing from `value`: crc32c(b, crc32c(a)) == crc32c(a + b).");
 
+    // The priority trees on their own, for tests (drift, min, draws); the buffer uses them natively.
+    py::class_<dqn_fast::SumTree>(m, "SumTree")
+        .def(py::init([](uint64_t leaves) {
+                 if (leaves < 1) throw py::value_error("a SumTree needs at least one leaf");
+                 return dqn_fast::SumTree(leaves);
+             }),
+             py::arg("leaves"))
+        .def(
+            "set",
+            [](dqn_fast::SumTree& t, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& index,
+               const py::array_t<double, py::array::c_style | py::array::forcecast>& mass) {
+                if (index.ndim() != 1 || mass.ndim() != 1 || index.shape(0) != mass.shape(0))
+                    throw py::value_error("index and mass must be 1-D arrays of one length");
+                const int64_t* i = index.data();
+                const double* v = mass.data();
+                for (py::ssize_t j = 0; j < index.shape(0); ++j) {
+                    if (i[j] < 0 || uint64_t(i[j]) >= t.leaves()) throw py::index_error("leaf index out of range");
+                    if (!(std::isfinite(v[j]) && v[j] >= 0)) throw py::value_error("masses must be finite and >= 0");
+                }
+                py::gil_scoped_release release;
+                for (py::ssize_t j = 0; j < index.shape(0); ++j) t.set(uint64_t(i[j]), v[j]);
+            },
+            py::arg("index"), py::arg("mass"), "Leaves index[j] := mass[j], in order.")
+        .def("find",
+             [](const dqn_fast::SumTree& t, double u) {
+                 if (!(t.total() > 0 && u >= 0 && u < t.total())) throw py::value_error("u must be in [0, total)");
+                 return t.find(u);
+             })
+        .def("get", [](const dqn_fast::SumTree& t, uint64_t i) {
+            if (i >= t.leaves()) throw py::index_error("leaf index out of range");
+            return t.get(i);
+        })
+        .def_property_readonly("total", &dqn_fast::SumTree::total)
+        .def_property_readonly("min", &dqn_fast::SumTree::min)
+        .def_property_readonly("leaves", &dqn_fast::SumTree::leaves);
+
     py::class_<PyReplayBuffer>(m, "ReplayBufferCore")
-        .def(py::init<uint64_t, int, int, const Shape&, py::dtype, const Shape&, py::dtype, uint64_t, bool, double, int>(),
+        .def(py::init<uint64_t, int, int, const Shape&, py::dtype, const Shape&, py::dtype, uint64_t, bool, double, int,
+                      int, double, bool, double, double>(),
              py::arg("capacity"), py::arg("num_envs"), py::arg("frame_stack"), py::arg("frame_shape"),
              py::arg("obs_dtype"), py::arg("action_shape"), py::arg("action_dtype"), py::arg("seed"),
-             py::arg("stack_last"), py::arg("frame_reserve"), py::arg("sample_threads"))
+             py::arg("stack_last"), py::arg("frame_reserve"), py::arg("sample_threads"), py::arg("n_step") = 1,
+             py::arg("gamma") = 0.99, py::arg("prioritized") = false, py::arg("alpha") = 0.6,
+             py::arg("priority_eps") = 1e-6)
         .def("add", &PyReplayBuffer::add, py::arg("obs"), py::arg("action"), py::arg("reward"), py::arg("next_obs"),
              py::arg("terminated"), py::arg("truncated"),
              "Add one transition per env. Arrays carry a leading num_envs axis (optional when num_envs == 1).")
-        .def("_sample_into", &PyReplayBuffer::sample_into, py::arg("obs"), py::arg("next_obs"), py::arg("frames"),
-             py::arg("action"), py::arg("reward"), py::arg("terminated"), py::arg("truncated"), py::arg("ids"))
+        .def("_fill_into", &PyReplayBuffer::fill_into, py::arg("obs"), py::arg("next_obs"), py::arg("frames"),
+             py::arg("action"), py::arg("reward"), py::arg("terminated"), py::arg("truncated"), py::arg("ids"),
+             py::arg("weights"), py::arg("discount"), py::arg("next_start"), py::arg("beta"), py::arg("ids_in"))
+        .def("_update_priorities", &PyReplayBuffer::update_priorities, py::arg("ids"), py::arg("priorities"))
+        .def("_probabilities", &PyReplayBuffer::probabilities, py::arg("ids"))
         .def("_snapshot",
              [](py::object self, py::function write) { return self.cast<PyReplayBuffer&>().snapshot(self, write); },
              py::arg("write"))
@@ -527,7 +665,7 @@ PYBIND11_MODULE(_core, m) {
              },
              py::arg("next_seq"), py::arg("head"))
         .def("_restore", &PyReplayBuffer::restore, py::arg("next_seq"), py::arg("head"), py::arg("tail"),
-             py::arg("rng"), py::arg("stream_open"), py::arg("stream_seqs"))
+             py::arg("rng"), py::arg("stream_open"), py::arg("stream_seqs"), py::arg("max_priority"))
         .def("__len__", [](PyReplayBuffer& b) { return b.core().size(); })
         .def_property_readonly("capacity", [](PyReplayBuffer& b) { return b.core().capacity(); })
         .def_property_readonly("num_envs", [](PyReplayBuffer& b) { return b.core().num_envs(); })
@@ -545,5 +683,17 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("action_shape", [](PyReplayBuffer& b) { return py::tuple(py::cast(b.action_shape())); })
         .def_property_readonly("obs_dtype", &PyReplayBuffer::obs_dtype)
         .def_property_readonly("action_dtype", &PyReplayBuffer::action_dtype)
-        .def_property_readonly("stack_last", [](PyReplayBuffer& b) { return b.core().config().layout.stack_last; });
+        .def_property_readonly("stack_last", [](PyReplayBuffer& b) { return b.core().config().layout.stack_last; })
+        .def_property_readonly("n_step", [](PyReplayBuffer& b) { return b.core().config().n_step; })
+        .def_property_readonly("gamma", [](PyReplayBuffer& b) { return b.core().config().gamma; })
+        .def_property_readonly("prioritized", [](PyReplayBuffer& b) { return b.core().config().prioritized; })
+        .def_property_readonly("alpha", [](PyReplayBuffer& b) { return b.core().config().alpha; })
+        .def_property_readonly("priority_eps", [](PyReplayBuffer& b) { return b.core().config().priority_eps; })
+        .def_property_readonly(
+            "max_priority",
+            [](PyReplayBuffer& b) {
+                py::gil_scoped_release release;  // the core's mutex (a save may hold it while running Python)
+                return b.core().max_priority();
+            },
+            "The largest priority set so far (1.0 before any update): what new transitions get.");
 }

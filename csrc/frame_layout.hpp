@@ -35,6 +35,17 @@ struct FrameLayout {
         strided(obs + uint64_t(j) * elem_size, uint64_t(n) * elem_size, src, elem_size);
     }
 
+    // Zeros frame j of an observation holding n frames.
+    void zero(uint8_t* obs, int j, int n) const {
+        if (!stack_last || n == 1) {
+            std::memset(obs + uint64_t(j) * frame_bytes, 0, frame_bytes);
+            return;
+        }
+        const uint64_t count = frame_bytes / elem_size, step = uint64_t(n) * elem_size;
+        uint8_t* p = obs + uint64_t(j) * elem_size;
+        for (uint64_t i = 0; i < count; ++i) std::memset(p + i * step, 0, elem_size);
+    }
+
     // Frame j of an observation, if it is contiguous there; nullptr otherwise.
     const uint8_t* contiguous(const uint8_t* obs, int j, int n) const {
         return (!stack_last || n == 1) ? obs + uint64_t(j) * frame_bytes : nullptr;

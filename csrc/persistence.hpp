@@ -20,6 +20,7 @@ struct BufferState {
     int64_t tail = 0;
     uint64_t rng[4] = {0, 0, 0, 0};
     std::vector<EnvStream> streams;  // one per env
+    double max_priority = 1.0;       // prioritized buffers: the largest priority set so far
 };
 
 // One of the buffer's arrays, cut to the rows that were ever written.

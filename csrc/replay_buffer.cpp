@@ -71,6 +71,15 @@ ReplayBuffer::ReplayBuffer(const BufferConfig& config) : config_(config), k_(con
                 std::to_string(c.num_envs) + " transitions");
     require(std::isfinite(c.frame_reserve) && c.frame_reserve >= 0.0 && c.frame_reserve <= 64.0,
             "frame_reserve must be a fraction between 0 and 64, got " + std::to_string(c.frame_reserve));
+    require(c.n_step >= 1 && c.n_step <= kMaxNStep,
+            "n_step must be between 1 and " + std::to_string(kMaxNStep) + ", got " + std::to_string(c.n_step));
+    require(std::isfinite(c.gamma) && c.gamma >= 0.0 && c.gamma <= 1.0,
+            "gamma must be between 0 and 1, got " + std::to_string(c.gamma));
+    require(std::isfinite(c.alpha) && c.alpha >= 0.0, "alpha must be finite and >= 0, got " + std::to_string(c.alpha));
+    require(std::isfinite(c.priority_eps) && c.priority_eps >= 0.0,
+            "priority_eps must be finite and >= 0, got " + std::to_string(c.priority_eps));
+    require(!c.prioritized || mass(1.0) <= kMaxMass,
+            "(1 + priority_eps)^alpha is too large for the priority tree");
     // Capacities past 2^32 cannot be stored (32-bit frame slots); clamp the
     // estimate so the error below can still say how many bytes that would be.
     const uint64_t frames = frame_capacity_for(c.capacity < (uint64_t(1) << 33) ? c : clamped(c));
@@ -93,6 +102,7 @@ ReplayBuffer::ReplayBuffer(const BufferConfig& config) : config_(config), k_(con
     total = checked_add(total, checked_mul(c.capacity, per_transition, "the transition index"), what);
     total = checked_add(total, uint64_t(c.num_envs) * env_bytes(k_), what);
     total = checked_add(total, 2 * c.layout.frame_bytes, what);  // channel-last scratch
+    if (c.prioritized) total = checked_add(total, SumTree::bytes_for(c.capacity), what);
     check_can_allocate(total, what);
 
     store_ = FrameStore(frames, c.layout.frame_bytes);
@@ -103,6 +113,7 @@ ReplayBuffer::ReplayBuffer(const BufferConfig& config) : config_(config), k_(con
     rng_.reseed(c.seed);
     plan_.resize(c.num_envs);
     if (c.layout.stack_last && k_ > 1) scratch_.resize(2 * c.layout.frame_bytes);
+    if (c.prioritized) tree_ = SumTree(c.capacity);
 }
 
 void ReplayBuffer::publish_counters() {
@@ -113,7 +124,7 @@ void ReplayBuffer::publish_counters() {
 
 uint64_t ReplayBuffer::nbytes() const {
     return store_.nbytes() + index_.nbytes() + actions_.nbytes() + rewards_.nbytes() + flags_.nbytes() +
-           scratch_.size() + uint64_t(config_.num_envs) * env_bytes(k_);
+           scratch_.size() + uint64_t(config_.num_envs) * env_bytes(k_) + tree_.nbytes();
 }
 
 // Frame j of a caller observation as a contiguous pointer (copied into
@@ -181,7 +192,8 @@ void ReplayBuffer::add(const AddArgs& a) {
         const uint8_t* next = a.next_obs + e * obs_bytes_;
         EnvPlan& p = plan_[e];
         int frames = 0;
-        p.continues = equals_stream(obs, index_.stream(e));
+        p.follows = equals_stream(obs, index_.stream(e));
+        p.continues = p.follows;
         p.obs_runs = p.continues ? 0 : runs_of(obs, frames);
         n_new += frames;
         p.shift = is_shift(obs, next);
@@ -205,8 +217,15 @@ void ReplayBuffer::add(const AddArgs& a) {
 
     // 2. Evict: room for ne transitions, and no stored transition may name a
     // frame this add overwrites.
+    const int64_t old_tail = index_.tail(), head = index_.head();
     index_.evict_for(uint64_t(ne));
     index_.evict_frames_before(store_.next_seq() + n_new - frame_cap);
+    if (config_.prioritized) {
+        // Evicted leaves go to 0, except the slots this add writes (set below).
+        const int64_t rewritten = head + ne - int64_t(config_.capacity);
+        for (int64_t id = old_tail; id < std::min(index_.tail(), rewritten); ++id) tree_.set(index_.slot_of(id), 0.0);
+    }
+    const double new_mass = config_.prioritized ? mass(max_priority_) : 0.0;
 
     // 3. Write frames, then the transitions that name them.
     const int two_k = 2 * k_;
@@ -232,24 +251,24 @@ void ReplayBuffer::add(const AddArgs& a) {
         std::memcpy(actions_.data() + slot * ab, a.action + e * ab, ab);
         rewards_[slot] = a.reward[e];
         const bool term = a.terminated[e] != 0, trunc = a.truncated[e] != 0;
-        flags_[slot] = uint8_t((term ? kTerminated : 0) | (trunc ? kTruncated : 0) | (p.shift ? kShift : 0));
+        flags_[slot] = uint8_t((term ? kTerminated : 0) | (trunc ? kTruncated : 0) | (p.shift ? kShift : 0) |
+                               (p.follows ? kFollows : 0));
+        if (config_.prioritized) tree_.set(slot, new_mass);
         std::copy(seqs + k_, seqs + two_k, stream.seqs.begin());
         stream.open = !(term || trunc);
     }
     publish_counters();
 }
 
-void ReplayBuffer::sample(int64_t batch_size, const SampleOut& out) {
-    std::lock_guard<std::mutex> lock(mutex_);
+// Threads and scratch for a batch, before anything is drawn: whatever can
+// fail here (threads, allocation) leaves the buffer as it was. Returns
+// whether the gather may run on the pool.
+bool ReplayBuffer::prepare(int64_t batch_size, const SampleOut& out) {
     if (batch_size < 1) throw std::invalid_argument("batch_size must be at least 1, got " + std::to_string(batch_size));
-    const uint64_t n = index_.size();
-    if (n == 0) throw std::invalid_argument("cannot sample from an empty replay buffer: add transitions first");
-
-    // Everything that can fail (threads, allocation) happens before the
-    // draws, so a failed call leaves the PRNG where it was.
-    const uint64_t frames_per_item = out.frames ? uint64_t(k_) + 1 : 2 * uint64_t(k_);
-    const uint64_t item_bytes = frames_per_item * config_.layout.frame_bytes;
-    const uint64_t bytes = uint64_t(batch_size) * item_bytes;
+    if (index_.size() == 0)
+        throw std::invalid_argument("cannot sample from an empty replay buffer: add transitions first");
+    const uint64_t frames_per_item = out.frames ? uint64_t(k_ + config_.n_step) : 2 * uint64_t(k_);
+    const uint64_t bytes = uint64_t(batch_size) * frames_per_item * config_.layout.frame_bytes;
     const bool parallel = bytes >= kParallelGatherBytes && config_.sample_threads != 1;
     if (pool_ && pool_pid_ != long(getpid())) {
         // A forked child has none of the parent's threads: the pool can be
@@ -262,26 +281,111 @@ void ReplayBuffer::sample(int64_t batch_size, const SampleOut& out) {
         pool_ = std::make_unique<WorkerPool>(threads - 1);  // may start fewer (see WorkerPool)
         pool_pid_ = long(getpid());
     }
-    const WorkerPool::Job job = [&](int64_t begin, int64_t end) { gather(begin, end, out); };
+    if (config_.n_step > 1 && windows_.size() < uint64_t(batch_size)) windows_.resize(uint64_t(batch_size));
+    return parallel;
+}
 
+void ReplayBuffer::sample(int64_t batch_size, double beta, const SampleOut& out) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const bool parallel = prepare(batch_size, out);
     const Rng saved = rng_;
-    for (int64_t i = 0; i < batch_size; ++i) out.ids[i] = index_.tail() + int64_t(rng_.below(n));
-    if (out.frames && k_ > 1) {
+    const uint64_t n = index_.size();
+    if (!config_.prioritized) {
+        for (int64_t i = 0; i < batch_size; ++i) out.ids[i] = index_.tail() + int64_t(rng_.below(n));
+    } else {
+        // Stratified: one draw in each of B equal segments of the total mass.
+        const double total = tree_.total(), below_total = std::nextafter(total, 0.0);
         for (int64_t i = 0; i < batch_size; ++i) {
-            if (!(flags_[index_.slot_of(out.ids[i])] & kShift)) {
+            const double u01 = double(rng_.next() >> 11) * 0x1.0p-53;
+            const double u = std::min((double(i) + u01) * total / double(batch_size), below_total);
+            out.ids[i] = id_of_slot_for(tree_.find(u), index_.tail());
+        }
+    }
+    fill(batch_size, beta, out, parallel, saved);
+}
+
+void ReplayBuffer::check_ids(const int64_t* ids, int64_t count) const {
+    const int64_t tail = index_.tail(), head = index_.head();
+    for (int64_t i = 0; i < count; ++i) {
+        if (ids[i] < tail || ids[i] >= head) {
+            throw std::invalid_argument("transition id " + std::to_string(ids[i]) + " is not stored (ids[" +
+                                        std::to_string(i) + "]; the stored ids are [" + std::to_string(tail) + ", " +
+                                        std::to_string(head) + "))");
+        }
+    }
+}
+
+void ReplayBuffer::get(int64_t batch_size, const int64_t* ids, double beta, const SampleOut& out) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (batch_size >= 1 && index_.size() == 0)
+        throw std::invalid_argument("transition id " + std::to_string(ids[0]) + " is not stored: the buffer is empty");
+    const bool parallel = prepare(batch_size, out);
+    check_ids(ids, batch_size);
+    std::copy(ids, ids + batch_size, out.ids);
+    fill(batch_size, beta, out, parallel, rng_);
+}
+
+// The id in [tail, tail + capacity) that lives in `slot`.
+int64_t ReplayBuffer::id_of_slot_for(uint64_t slot, int64_t tail) const {
+    const uint64_t cap = config_.capacity, t = uint64_t(tail);
+    return int64_t(t + (slot + cap - t % cap) % cap);
+}
+
+// Transition id's n-step window length m (see the top of the header).
+int ReplayBuffer::window_of(int64_t id) const {
+    const int64_t ne = config_.num_envs, head = index_.head();
+    int m = 1;
+    for (; m < config_.n_step; ++m, id += ne) {
+        if (flags_[index_.slot_of(id)] & (kTerminated | kTruncated)) break;
+        if (id + ne >= head || !(flags_[index_.slot_of(id + ne)] & kFollows)) break;
+    }
+    return m;
+}
+
+// Everything after the draws: windows, checks, weights, then the gather.
+void ReplayBuffer::fill(int64_t batch_size, double beta, const SampleOut& out, bool parallel, const Rng& saved) {
+    const int n = config_.n_step;
+    const int64_t ne = config_.num_envs;
+    if (n > 1) {
+        for (int64_t i = 0; i < batch_size; ++i) windows_[i] = uint8_t(window_of(out.ids[i]));
+    }
+    if (out.frames && k_ > 1) {
+        // A window row holds one new frame per transition: each must be a shift.
+        for (int64_t i = 0; i < batch_size; ++i) {
+            const int m = n > 1 ? windows_[i] : 1;
+            for (int w = 0; w < m; ++w) {
+                const int64_t id = out.ids[i] + w * ne;
+                if (flags_[index_.slot_of(id)] & kShift) continue;
                 rng_ = saved;  // a rejected call leaves the buffer as it was
                 throw std::invalid_argument(
-                    "window output cannot hold transition id " + std::to_string(out.ids[i]) +
-                    ": its next_obs is not its obs shifted by one frame; sample with window=False");
+                    "window output cannot hold transition id " + std::to_string(out.ids[i]) + ": the next_obs of " +
+                    (w ? "transition " + std::to_string(id) + " in its n-step window" : std::string("it")) +
+                    " is not its obs shifted by one frame; sample with window=False");
             }
         }
     }
+    if (out.weights) {
+        if (config_.prioritized) {
+            // (N P(i))^-beta / max_j (N P(j))^-beta = (m_i / m_min)^-beta.
+            const double lowest = tree_.min();
+            for (int64_t i = 0; i < batch_size; ++i)
+                out.weights[i] = float(std::pow(tree_.get(index_.slot_of(out.ids[i])) / lowest, -beta));
+        } else {
+            std::fill(out.weights, out.weights + batch_size, 1.0f);
+        }
+    }
+    if (out.next_start) {
+        for (int64_t i = 0; i < batch_size; ++i) out.next_start[i] = n > 1 ? windows_[i] : 1;
+    }
 
+    const WorkerPool::Job job = [&](int64_t begin, int64_t end) { gather(begin, end, out); };
     if (!parallel || pool_->threads() == 1) return job(0, batch_size);
     // About four chunks per thread, and at least 64 KB each: small enough
     // that a late worker leaves little for the caller to wait on, large
     // enough that claiming costs nothing and each thread's prefetch of its
     // next item is for an item it will copy itself.
+    const uint64_t item_bytes = (out.frames ? uint64_t(k_ + n) : 2 * uint64_t(k_)) * config_.layout.frame_bytes;
+    const uint64_t bytes = uint64_t(batch_size) * item_bytes;
     const int64_t per_thread = (batch_size + 4 * pool_->threads() - 1) / (4 * pool_->threads());
     const int64_t chunk = std::max<int64_t>(per_thread, int64_t((64 << 10) / std::max<uint64_t>(1, item_bytes)));
     if (config_.sample_threads > 1) return pool_->parallel_for(batch_size, chunk, job);
@@ -292,42 +396,93 @@ void ReplayBuffer::sample(int64_t batch_size, const SampleOut& out) {
     tuner_.record(bytes, use_pool, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
 }
 
-// Asks for the next item's frames while this one is copied: frames sit at
+// Asks for item i's frames while the one before is copied: frames sit at
 // random places in the store, so the hardware prefetcher cannot guess them.
-void ReplayBuffer::prefetch_item(const uint32_t* f, bool window) const {
+void ReplayBuffer::prefetch_item(int64_t i, const SampleOut& out) const {
     const uint64_t fb = config_.layout.frame_bytes;
-    const int k = k_;
-    for (int j = 0; j < 2 * k; ++j) {
-        if (window && j >= k && j != 2 * k - 1) continue;  // a window reads obs frames + the newest
-        const uint8_t* p = store_.slot(f[j]);
+    const auto fetch = [&](uint32_t slot) {
+        const uint8_t* p = store_.slot(slot);
         for (uint64_t off = 0; off < fb; off += 64) __builtin_prefetch(p + off);
+    };
+    const int m = config_.n_step > 1 ? windows_[i] : 1;
+    const uint32_t* f = index_.frames_of(index_.slot_of(out.ids[i]));
+    for (int j = 0; j < k_; ++j) fetch(f[j]);
+    if (out.frames) {  // a window row reads obs frames + each window transition's newest
+        for (int w = 0; w < m; ++w) fetch(index_.frames_of(index_.slot_of(out.ids[i] + w * config_.num_envs))[2 * k_ - 1]);
+    } else {
+        const uint32_t* last = index_.frames_of(index_.slot_of(out.ids[i] + (m - 1) * config_.num_envs));
+        for (int j = k_; j < 2 * k_; ++j) fetch(last[j]);
     }
 }
 
-// Items [begin, end) of a batch of n; prefetches the item after each.
+// Items [begin, end) of a batch; prefetches the item after each.
 void ReplayBuffer::gather(int64_t begin, int64_t end, const SampleOut& out) const {
     const FrameLayout& layout = config_.layout;
     const uint64_t fb = layout.frame_bytes, ab = config_.action_bytes;
-    const int k = k_;
+    const int k = k_, n = config_.n_step, row = k + n;
+    const int64_t ne = config_.num_envs;
+    const double gamma = config_.gamma;
     for (int64_t i = begin; i < end; ++i) {
-        const uint64_t slot = index_.slot_of(out.ids[i]);
+        const int64_t id = out.ids[i];
+        const int m = n > 1 ? windows_[i] : 1;
+        const uint64_t slot = index_.slot_of(id), last = index_.slot_of(id + (m - 1) * ne);
         const uint32_t* f = index_.frames_of(slot);
-        if (i + 1 < end) prefetch_item(index_.frames_of(index_.slot_of(out.ids[i + 1])), out.frames != nullptr);
+        if (i + 1 < end) prefetch_item(i + 1, out);
         if (out.frames) {
-            uint8_t* dst = out.frames + uint64_t(i) * (k + 1) * fb;
-            for (int j = 0; j < k; ++j) layout.write(dst, j, k + 1, store_.slot(f[j]));
-            layout.write(dst, k, k + 1, store_.slot(f[2 * k - 1]));
+            uint8_t* dst = out.frames + uint64_t(i) * row * fb;
+            for (int j = 0; j < k; ++j) layout.write(dst, j, row, store_.slot(f[j]));
+            for (int w = 0; w < m; ++w)
+                layout.write(dst, k + w, row, store_.slot(index_.frames_of(index_.slot_of(id + w * ne))[2 * k - 1]));
+            for (int j = k + m; j < row; ++j) layout.zero(dst, j, row);
         } else {
             uint8_t* obs = out.obs + uint64_t(i) * k * fb;
             uint8_t* next = out.next_obs + uint64_t(i) * k * fb;
+            const uint32_t* g = index_.frames_of(last);
             for (int j = 0; j < k; ++j) layout.write(obs, j, k, store_.slot(f[j]));
-            for (int j = 0; j < k; ++j) layout.write(next, j, k, store_.slot(f[k + j]));
+            for (int j = 0; j < k; ++j) layout.write(next, j, k, store_.slot(g[k + j]));
         }
         std::memcpy(out.action + uint64_t(i) * ab, actions_.data() + slot * ab, ab);
-        out.reward[i] = rewards_[slot];
-        out.terminated[i] = flags_[slot] & kTerminated ? 1 : 0;
-        out.truncated[i] = flags_[slot] & kTruncated ? 1 : 0;
+        // The n-step return, summed in double: r_t + g r_{t+1} + ... (g *= gamma).
+        double ret = 0.0, discount = 1.0;
+        for (int w = 0; w < m; ++w) {
+            ret += discount * double(rewards_[index_.slot_of(id + w * ne)]);
+            discount *= gamma;
+        }
+        out.reward[i] = float(ret);
+        if (out.discount) out.discount[i] = float(discount);
+        out.terminated[i] = flags_[last] & kTerminated ? 1 : 0;
+        out.truncated[i] = flags_[last] & kTruncated ? 1 : 0;
     }
+}
+
+void ReplayBuffer::update_priorities(const int64_t* ids, const double* p, int64_t count) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!config_.prioritized) throw std::invalid_argument("update_priorities: this buffer is not prioritized (construct it with prioritized=True)");
+    // Check every value before changing anything.
+    for (int64_t i = 0; i < count; ++i) {
+        if (!(mass(p[i]) <= kMaxMass))
+            throw std::invalid_argument("priorities[" + std::to_string(i) + "]=" + std::to_string(p[i]) +
+                                        " is too large: (p + priority_eps)^alpha overflows the priority tree");
+    }
+    const int64_t tail = index_.tail(), head = index_.head();
+    for (int64_t i = 0; i < count; ++i) {
+        if (ids[i] < tail || ids[i] >= head) continue;  // evicted since the sample: its slot is someone else's
+        tree_.set(index_.slot_of(ids[i]), mass(p[i]));
+        max_priority_ = std::max(max_priority_, p[i]);
+    }
+}
+
+void ReplayBuffer::probabilities(const int64_t* ids, int64_t count, double* out) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_ids(ids, count);
+    const double total = tree_.total(), uniform = 1.0 / double(index_.size());
+    for (int64_t i = 0; i < count; ++i)
+        out[i] = config_.prioritized ? tree_.get(index_.slot_of(ids[i])) / total : uniform;
+}
+
+double ReplayBuffer::max_priority() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return max_priority_;
 }
 
 BufferState ReplayBuffer::state() const {
@@ -337,13 +492,14 @@ BufferState ReplayBuffer::state() const {
     s.tail = index_.tail();
     std::copy(rng_.state(), rng_.state() + 4, s.rng);
     s.streams = index_.streams();
+    s.max_priority = max_priority_;
     return s;
 }
 
 std::vector<RawArray> ReplayBuffer::arrays(int64_t next_seq, int64_t head) {
     const uint64_t frames = uint64_t(std::clamp<int64_t>(next_seq, 0, int64_t(store_.capacity())));
     const uint64_t rows = uint64_t(std::clamp<int64_t>(head, 0, int64_t(config_.capacity)));
-    return {
+    std::vector<RawArray> out = {
         {"frames", store_.data(), frames * store_.frame_bytes()},
         {"slots", reinterpret_cast<uint8_t*>(index_.slots_data()), rows * 2 * k_ * sizeof(uint32_t)},
         {"oldest", reinterpret_cast<uint8_t*>(index_.oldest_data()), rows * sizeof(int64_t)},
@@ -351,6 +507,9 @@ std::vector<RawArray> ReplayBuffer::arrays(int64_t next_seq, int64_t head) {
         {"rewards", reinterpret_cast<uint8_t*>(rewards_.data()), rows * sizeof(float)},
         {"flags", flags_.data(), rows},
     };
+    // Prioritized: each slot's leaf mass, (p + eps)^alpha (0 for an empty slot).
+    if (config_.prioritized) out.push_back({"priorities", reinterpret_cast<uint8_t*>(tree_.leaf_data()), rows * sizeof(double)});
+    return out;
 }
 
 void ReplayBuffer::restore(const BufferState& s) {
@@ -360,7 +519,13 @@ void ReplayBuffer::restore(const BufferState& s) {
     for (int64_t id = s.tail; id < s.head; ++id) {
         const uint64_t slot = index_.slot_of(id);
         const uint8_t flags = flags_[slot];
-        require(flags < 8, "transition " + std::to_string(id) + " has unknown flags");
+        require(flags < 16, "transition " + std::to_string(id) + " has unknown flags");
+        // kFollows: the previous transition of its env left the stream open.
+        const int64_t prev = id - config_.num_envs;
+        if ((flags & kFollows) && prev >= s.tail)
+            require(!(flags_[index_.slot_of(prev)] & (kTerminated | kTruncated)),
+                    "transition " + std::to_string(id) + " continues an episode that ended at transition " +
+                        std::to_string(prev));
         // A shift transition's next_obs reuses obs frames 1..k-1 (window mode relies on it).
         const uint32_t* f = index_.frames_of(slot);
         if (flags & kShift) {
@@ -370,6 +535,22 @@ void ReplayBuffer::restore(const BufferState& s) {
     }
     // xoshiro's all-zero state is a fixed point: sampling would never return.
     require(s.rng[0] | s.rng[1] | s.rng[2] | s.rng[3], "the PRNG state is all zeros");
+    if (config_.prioritized) {
+        require(std::isfinite(s.max_priority) && s.max_priority >= 1.0 && mass(s.max_priority) <= kMaxMass,
+                "max_priority=" + std::to_string(s.max_priority) + " is not a priority this buffer can set");
+        // Positive, bounded leaves exactly for the stored transitions' slots.
+        const double* leaf = tree_.leaf_data();
+        const uint64_t cap = config_.capacity;
+        for (uint64_t slot = 0; slot < cap; ++slot) {
+            const int64_t id = id_of_slot_for(slot, s.tail);
+            const bool stored = id < s.head;
+            require(stored ? (leaf[slot] >= kMinMass && leaf[slot] <= kMaxMass) : leaf[slot] == 0.0,
+                    "priority slot " + std::to_string(slot) + " holds " + std::to_string(leaf[slot]) + ", expected " +
+                        (stored ? "a mass in [DBL_MIN, 1e298]" : std::string("0 (no transition)")));
+        }
+        tree_.rebuild();
+        max_priority_ = s.max_priority;
+    }
     index_.adopt(s.head, s.tail, s.streams);
     store_.set_next_seq(s.next_seq);
     rng_.set_state(s.rng);

@@ -1,4 +1,5 @@
-// The replay buffer: frame store + episode index + sampler, behind one mutex.
+// The replay buffer: frame store + episode index + sampler (+ priorities),
+// behind one mutex.
 //
 // Storage rule: each environment frame is stored once. An add that starts an
 // episode segment stores obs's k frames (runs of equal consecutive frames,
@@ -7,8 +8,24 @@
 // Observations are rebuilt from frame slots at sample time, so what was added
 // comes back bit-exact.
 //
-// Locking: add and sample each hold `mutex_` for their whole native part
-// (the bindings release the GIL first). A sample therefore never sees a
+// n-step windows: transition t's window is t, t + num_envs, ... (its env's
+// next transitions), at most n_step of them, ending early (inclusive) at the
+// first terminated or truncated one, before a stream break (a transition
+// whose obs did not continue its env's open stream: no kFollows flag), or at
+// the env's newest stored transition. Sampling sums the window's discounted
+// rewards and takes next_obs and the flags from its last transition; it is
+// computed at sample time from the stored one-step transitions, so nothing
+// is stored twice and n changes nothing in memory.
+//
+// Priorities (prioritized=true): leaf `slot` of `tree_` holds
+// (p + eps)^alpha for the transition stored there, 0 for an empty slot.
+// Every add gives its new transitions the largest p set so far and zeroes
+// the leaves of the transitions it evicts, so the tree's leaves are positive
+// exactly for the stored ids; an update for an id outside [tail, head) is
+// ignored (the id was evicted and its slot may hold a newer transition).
+//
+// Locking: add, sample, get and update_priorities each hold `mutex_` for
+// their whole native part (the bindings release the GIL first). A sample therefore never sees a
 // half-written add, and no frame it gathers can be overwritten under it.
 // Saving holds it (lock()) while the arrays are written out, so the file is
 // one consistent snapshot. Nothing else in the core locks: size() and the
@@ -17,6 +34,7 @@
 #pragma once
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -27,6 +45,7 @@
 #include "frame_store.hpp"
 #include "persistence.hpp"
 #include "sampler.hpp"
+#include "sum_tree.hpp"
 
 namespace dqn_fast {
 
@@ -34,6 +53,10 @@ namespace dqn_fast {
 constexpr int kMaxNumEnvs = 1 << 20;
 constexpr int kMaxSampleThreads = 256;
 constexpr int kMaxFrameStack = 64;
+constexpr int kMaxNStep = 64;
+// Leaf masses stay in [kMinMass, kMaxMass], so a sum over 2^33 leaves is finite.
+constexpr double kMinMass = 2.2250738585072014e-308;  // DBL_MIN
+constexpr double kMaxMass = 1.0e298;
 
 struct BufferConfig {
     uint64_t capacity = 0;  // transitions
@@ -44,6 +67,11 @@ struct BufferConfig {
     double frame_reserve = 0.044;  // extra frames for episode starts, as a fraction of capacity
     uint64_t seed = 0;
     int sample_threads = 0;  // threads that gather a large batch; 0 = one per core (up to 4), tuned
+    int n_step = 1;          // transitions summed into one sampled return
+    double gamma = 0.99;     // discount of the n-step return
+    bool prioritized = false;
+    double alpha = 0.6;          // P(i) ~ (p_i + priority_eps)^alpha
+    double priority_eps = 1e-6;
 };
 
 // Batched inputs of one add: every pointer holds num_envs C-contiguous items.
@@ -57,7 +85,9 @@ struct AddArgs {
 };
 
 // Caller-owned outputs for a batch of B. With `frames` set (window mode) the
-// k+1 frames of each transition go there and obs/next_obs are not written.
+// k+n frames of each transition go there (obs's k frames, then the newest
+// frame of each transition of its window, then zeros) and obs/next_obs are
+// not written; next_obs starts at frame next_start[i] (the window's length).
 struct SampleOut {
     uint8_t* obs = nullptr;
     uint8_t* next_obs = nullptr;
@@ -66,7 +96,10 @@ struct SampleOut {
     float* reward = nullptr;
     uint8_t* terminated = nullptr;
     uint8_t* truncated = nullptr;
-    int64_t* ids = nullptr;
+    int64_t* ids = nullptr;        // drawn by sample; given to get
+    float* weights = nullptr;      // importance weights (1 unless prioritized)
+    float* discount = nullptr;     // gamma^m, m the window's length
+    int64_t* next_start = nullptr;  // window mode: where next_obs starts (m)
 };
 
 class ReplayBuffer {
@@ -74,7 +107,19 @@ public:
     explicit ReplayBuffer(const BufferConfig& config);
 
     void add(const AddArgs& args);
-    void sample(int64_t batch_size, const SampleOut& out);
+    // A batch drawn uniformly (or stratified by priority), into `out`.
+    void sample(int64_t batch_size, double beta, const SampleOut& out);
+    // The stored transitions ids[0..batch_size) (copied to out.ids), into
+    // `out`; throws std::invalid_argument naming the first id not stored.
+    void get(int64_t batch_size, const int64_t* ids, double beta, const SampleOut& out);
+    // p[i] for ids[i] (finite, >= 0: checked by the caller); ids no longer
+    // stored are skipped; a repeated id keeps its last priority. Throws
+    // std::invalid_argument (and changes nothing) if a (p + eps)^alpha is
+    // too large for the sum tree.
+    void update_priorities(const int64_t* ids, const double* p, int64_t count);
+    // P(i) for stored ids (throws std::invalid_argument otherwise).
+    void probabilities(const int64_t* ids, int64_t count, double* out) const;
+    double max_priority() const;
 
     // Frames the store holds for a given config (capacity + reserve).
     static uint64_t frame_capacity_for(const BufferConfig& config);
@@ -103,10 +148,13 @@ public:
     void restore(const BufferState& state);
 
 private:
-    enum Flag : uint8_t { kTerminated = 1, kTruncated = 2, kShift = 4 };
+    // kFollows: the add's obs equalled its env's open stream (the previous
+    // transition of this env continues into this one: n-step windows cross it).
+    enum Flag : uint8_t { kTerminated = 1, kTruncated = 2, kShift = 4, kFollows = 8 };
 
     struct EnvPlan {
-        bool continues;      // obs equals the env's open stream: reuse its frames
+        bool follows;        // obs equals the env's open stream
+        bool continues;      // ... and its frames are reused (not stored anew)
         bool shift;          // next_obs is obs shifted by one frame plus a new one
         uint64_t obs_runs;   // bit j: obs frame j equals frame j-1 (stored once)
         uint64_t next_runs;  // same for next_obs
@@ -117,8 +165,16 @@ private:
     bool equals_stream(const uint8_t* obs, const EnvStream& stream);
     bool is_shift(const uint8_t* obs, const uint8_t* next_obs);
     void push_frames(const uint8_t* obs, uint64_t runs, int64_t* seqs);
-    void prefetch_item(const uint32_t* frames, bool window) const;
+    bool prepare(int64_t batch_size, const SampleOut& out);
+    void prefetch_item(int64_t i, const SampleOut& out) const;
     void gather(int64_t begin, int64_t end, const SampleOut& out) const;
+    void fill(int64_t batch_size, double beta, const SampleOut& out, bool parallel, const Rng& saved);
+    void check_ids(const int64_t* ids, int64_t count) const;
+    int window_of(int64_t id) const;
+    // A leaf's mass: (p + eps)^alpha, at least the smallest normal double
+    // (so a stored transition can always be drawn).
+    double mass(double p) const { return std::max(std::pow(p + config_.priority_eps, config_.alpha), kMinMass); }
+    int64_t id_of_slot_for(uint64_t slot, int64_t tail) const;
     void publish_counters();
 
     BufferConfig config_;
@@ -132,6 +188,9 @@ private:
     Rng rng_;
     std::vector<EnvPlan> plan_;
     std::vector<uint8_t> scratch_;  // two frames, for channel-last stacks
+    SumTree tree_;                  // prioritized only
+    double max_priority_ = 1.0;     // the largest p ever set (new transitions get it)
+    std::vector<uint8_t> windows_;  // per item of the batch being sampled: its window length
     std::unique_ptr<WorkerPool> pool_;
     long pool_pid_ = 0;  // the process that started pool_ (a forked child must not use it)
     GatherTuner tuner_;

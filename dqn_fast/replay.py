@@ -14,7 +14,11 @@ What the buffer promises (checked against ``tests/reference.py``):
 * The stored transitions are always the most recent ``len(buf)`` adds.
   ``len(buf) == min(adds, capacity)`` unless very short episodes exhaust the
   frame reserve (``frame_reserve``); then the oldest go early.
-* Sampling is uniform with replacement, from a seeded per-buffer PRNG in C++.
+* Sampling is uniform with replacement, from a seeded per-buffer PRNG in C++,
+  or (``prioritized=True``) proportional to (p + eps)^alpha, stratified.
+* ``n_step > 1``: a sampled transition's reward is the discounted sum over
+  its n-step window (see the README's "n-step returns"), computed natively
+  at sample time from the one-step transitions: n changes nothing stored.
 * ``add`` and ``sample_into`` release the GIL; they may run on different
   threads at once.
 * Bad input raises ``TypeError`` / ``ValueError`` (``MemoryError`` for sizes
@@ -48,7 +52,7 @@ except ImportError as exc:  # pragma: no cover - depends on how it was installed
 from . import replay_file  # noqa: E402 - needs _core
 from .replay_file import ReplayFileError  # noqa: E402
 
-__all__ = ["Batch", "ReplayBuffer", "ReplayFileError"]
+__all__ = ["Batch", "ReplayBuffer", "ReplayFileError", "window_next_obs"]
 
 # Default share of extra frame slots for episode starts. An episode start
 # stores one extra frame with reset padding, two with zero padding; 4.4%
@@ -60,8 +64,15 @@ DEFAULT_FRAME_RESERVE = 0.044
 class Batch(NamedTuple):
     """One sampled batch. Fields are numpy arrays or CPU torch tensors.
 
-    In window mode ``frames`` holds k+1 frames per transition and ``obs`` /
-    ``next_obs`` are views of it (frames[:, :k] and frames[:, 1:]).
+    ``reward`` is the n-step return, ``discount`` gamma^m (m: the window's
+    length), ``weights`` the importance weights (1 unless prioritized).
+
+    Window mode: ``frames`` holds k+n frames per transition: obs's k frames,
+    then the newest frame of each of the m transitions of its window, then
+    zeros. ``obs`` is frames[:, :k]; next_obs is frames[:, m:m+k], with
+    ``next_start`` = m. With n_step=1, m is always 1 and ``next_obs`` is the
+    view frames[:, 1:]; with n_step > 1 rows differ, so ``next_obs`` is None
+    and ``window_next_obs(frames, next_start, k)`` gathers it (on any device).
     """
 
     obs: Any
@@ -72,6 +83,43 @@ class Batch(NamedTuple):
     truncated: Any
     ids: Any
     frames: Any = None
+    weights: Any = None
+    discount: Any = None
+    next_start: Any = None
+
+
+def window_next_obs(frames, next_start, frame_stack: int, stack_last: bool = False):
+    """next_obs of a window batch: frames[b, next_start[b] : next_start[b] + k] per row.
+
+    numpy arrays or torch tensors (CPU or GPU); returns the shape of batch.obs.
+    """
+    k = _positive_int(frame_stack, "frame_stack")
+    stack_last = bool(stack_last) and k > 1  # one frame: the buffer never stacks last
+    if isinstance(frames, np.ndarray):
+        starts = np.asarray(next_start, dtype=np.int64)
+        offsets = np.arange(k, dtype=np.int64)
+        index = starts[:, None] + offsets[None, :]
+        rows = np.arange(frames.shape[0])[:, None]
+        if stack_last:
+            out = np.moveaxis(np.moveaxis(frames, -1, 1)[rows, index], 1, -1)
+        else:
+            out = frames[rows, index]
+    else:
+        torch = sys.modules.get("torch")
+        if torch is None or not isinstance(frames, torch.Tensor):
+            raise TypeError(f"frames must be a numpy array or torch tensor, got {type(frames).__name__}")
+        starts = torch.as_tensor(next_start, device=frames.device).long()
+        index = starts[:, None] + torch.arange(k, device=frames.device)[None, :]
+        if stack_last:
+            moved = frames.movedim(-1, 1)
+            index = index.view(*index.shape, *([1] * (moved.dim() - 2))).expand(-1, -1, *moved.shape[2:])
+            out = torch.gather(moved, 1, index).movedim(1, -1)
+        else:
+            index = index.view(*index.shape, *([1] * (frames.dim() - 2))).expand(-1, -1, *frames.shape[2:])
+            out = torch.gather(frames, 1, index)
+    if k == 1:
+        out = out[..., 0] if stack_last else out[:, 0]
+    return out
 
 
 def _shape(value, name: str) -> Tuple[int, ...]:
@@ -106,6 +154,22 @@ def _int(value, name: str, what: str = "an int") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
     return int(value)
+
+
+def _real(value, name: str, low: float, high: float) -> float:
+    """A finite float in [low, high] (high may be inf: then any finite value above low)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (low <= value <= high and math.isfinite(value)):  # NaN fails every comparison
+        upper = "" if math.isinf(high) else f" and <= {high}"
+        raise ValueError(f"{name} must be finite, >= {low}{upper}, got {value!r}")
+    return float(value)
+
+
+def _beta(value) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"beta must be a float, got {type(value).__name__}")
+    return _real(value, "beta", 0.0, math.inf)
 
 
 def _positive_int(value, name: str, most: int = 2**63 - 1) -> int:
@@ -160,6 +224,10 @@ class ReplayBuffer(_core.ReplayBufferCore):
             one per core, up to 4, used only while they measure faster than
             the caller alone (they do not when other work keeps the cores
             busy); N: always N; 1: the caller alone.
+        n_step: transitions summed into one sampled return (1 to 64).
+        gamma: the return's discount, in [0, 1].
+        prioritized: proportional prioritized replay (Schaul et al. 2016).
+        alpha, priority_eps: P(i) ~ (p_i + priority_eps)^alpha.
     """
 
     def __init__(
@@ -176,6 +244,11 @@ class ReplayBuffer(_core.ReplayBufferCore):
         stack_axis: int = 0,
         frame_reserve: float = DEFAULT_FRAME_RESERVE,
         sample_threads: int = 0,
+        n_step: int = 1,
+        gamma: float = 0.99,
+        prioritized: bool = False,
+        alpha: float = 0.6,
+        priority_eps: float = 1e-6,
     ):
         capacity = _positive_int(capacity, "capacity")
         frame_stack = _positive_int(frame_stack, "frame_stack", _core.MAX_FRAME_STACK)
@@ -205,6 +278,12 @@ class ReplayBuffer(_core.ReplayBufferCore):
             raise ValueError(f"frame_reserve must be a fraction between 0 and 64, got {frame_reserve!r}")
         if not 0 <= _int(sample_threads, "sample_threads") <= _core.MAX_SAMPLE_THREADS:
             raise ValueError(f"sample_threads must be between 0 and {_core.MAX_SAMPLE_THREADS}, got {sample_threads}")
+        n_step = _positive_int(n_step, "n_step", _core.MAX_N_STEP)
+        gamma = _real(gamma, "gamma", 0.0, 1.0)
+        if not isinstance(prioritized, (bool, np.bool_)):
+            raise TypeError(f"prioritized must be a bool, got {type(prioritized).__name__}")
+        alpha = _real(alpha, "alpha", 0.0, math.inf)
+        priority_eps = _real(priority_eps, "priority_eps", 0.0, math.inf)
         super().__init__(
             capacity,
             num_envs,
@@ -217,6 +296,11 @@ class ReplayBuffer(_core.ReplayBufferCore):
             stack_last,
             float(frame_reserve),
             int(sample_threads),
+            n_step,
+            gamma,
+            bool(prioritized),
+            alpha,
+            priority_eps,
         )
         self.seed = int(seed)
         self.frame_reserve = float(frame_reserve)
@@ -231,24 +315,28 @@ class ReplayBuffer(_core.ReplayBufferCore):
             return f"<{type(self).__name__}: not constructed>"
         return (
             f"ReplayBuffer(capacity={self.capacity}, obs_shape={self.obs_shape}, obs_dtype={self.obs_dtype}, "
-            f"frame_stack={self.frame_stack}, num_envs={self.num_envs}, len={len(self)}, nbytes={self.nbytes})"
+            f"frame_stack={self.frame_stack}, num_envs={self.num_envs}, n_step={self.n_step}, "
+            f"prioritized={self.prioritized}, len={len(self)}, nbytes={self.nbytes})"
         )
 
     # ------------------------------------------------------------------ sampling
     def empty_batch(self, batch_size: int, window: bool = False, *, torch: bool = False, pin_memory: bool = False):
-        """Preallocated output for ``sample_into``.
+        """Preallocated output for ``sample_into`` and ``get_into``.
 
         ``torch=True`` makes CPU torch tensors; ``pin_memory=True`` makes them
         page-locked (needs CUDA) so a copy to the GPU can run asynchronously.
+        ``window=True``: one row of k+n frames per transition (see ``Batch``).
         """
         batch_size = _positive_int(batch_size, "batch_size")
-        k = self.frame_stack
+        k, n = self.frame_stack, self.n_step
         shapes = {
             "action": (batch_size, *self.action_shape),
             "reward": (batch_size,),
             "terminated": (batch_size,),
             "truncated": (batch_size,),
             "ids": (batch_size,),
+            "weights": (batch_size,),
+            "discount": (batch_size,),
         }
         dtypes = {
             "action": self.action_dtype,
@@ -256,12 +344,16 @@ class ReplayBuffer(_core.ReplayBufferCore):
             "terminated": np.dtype(np.bool_),
             "truncated": np.dtype(np.bool_),
             "ids": np.dtype(np.int64),
+            "weights": np.dtype(np.float32),
+            "discount": np.dtype(np.float32),
+            "next_start": np.dtype(np.int64),
         }
         if window:
             frame_shape = self.frame_shape
             shapes["frames"] = (
-                (batch_size, *frame_shape, k + 1) if self.stack_last else (batch_size, k + 1, *frame_shape)
+                (batch_size, *frame_shape, k + n) if self.stack_last else (batch_size, k + n, *frame_shape)
             )
+            shapes["next_start"] = (batch_size,)
         else:
             shapes["obs"] = shapes["next_obs"] = (batch_size, *self.obs_shape)
             dtypes["obs"] = dtypes["next_obs"] = self.obs_dtype
@@ -290,32 +382,33 @@ class ReplayBuffer(_core.ReplayBufferCore):
         if window:
             frames = fields["frames"]
             if k == 1:
-                fields["obs"], fields["next_obs"] = frames[:, 0], frames[:, 1]
+                fields["obs"] = frames[:, 0]
+                fields["next_obs"] = frames[:, 1] if n == 1 else None
             elif self.stack_last:
-                fields["obs"], fields["next_obs"] = frames[..., :k], frames[..., 1:]
+                fields["obs"] = frames[..., :k]
+                fields["next_obs"] = frames[..., 1 : k + 1] if n == 1 else None
             else:
-                fields["obs"], fields["next_obs"] = frames[:, :k], frames[:, 1:]
+                fields["obs"] = frames[:, :k]
+                fields["next_obs"] = frames[:, 1 : k + 1] if n == 1 else None
         return Batch(**fields)
 
-    def sample_into(self, out: Batch) -> Batch:
-        """Fill ``out`` (from ``empty_batch``) with a uniform batch, in place.
+    _FIELDS = ("obs", "next_obs", "frames", "action", "reward", "terminated", "truncated", "ids",
+               "weights", "discount", "next_start")
 
-        The batch size is ``len(out.ids)``. Allocates nothing; the gather runs
-        in native code without the GIL. In window mode only ``out.frames`` is
-        written (``obs``/``next_obs`` are views of it).
-        """
+    def _fill(self, out: Batch, beta, ids) -> Batch:
         cached = self._views.get(id(out))
         if cached is not None and cached[0] is out and cached[2] == _layouts(cached[3]):
-            self._sample_into(*cached[1])  # the same tensors, same memory and layout: skip ~35 us of Python
+            # The same tensors, same memory and layout: skip ~35 us of Python.
+            self._fill_into(*cached[1], beta, ids)
             return out
         if not isinstance(out, Batch):
             raise TypeError(f"out must be a Batch (from empty_batch), got {type(out).__name__}")
         window = out.frames is not None
-        names = ("frames",) if window else ("obs", "next_obs")
-        fields = {n: getattr(out, n) for n in names + ("action", "reward", "terminated", "truncated", "ids")}
+        skip = ("obs", "next_obs") if window else ("frames", "next_start")
+        fields = {n: getattr(out, n) for n in self._FIELDS if n not in skip and getattr(out, n) is not None}
         views = {n: _writable_array(x, n) for n, x in fields.items()}
-        args = [views.get(n) for n in ("obs", "next_obs", "frames", "action", "reward", "terminated", "truncated", "ids")]
-        self._sample_into(*args)
+        args = [views.get(n) for n in self._FIELDS]
+        self._fill_into(*args, beta, ids)
         tensors = [x for x in fields.values() if not isinstance(x, np.ndarray)]
         if tensors:  # torch outputs: reuse their numpy views while memory and layout stay the same
             entry = (out, args, _layouts(tensors), tensors)
@@ -325,13 +418,56 @@ class ReplayBuffer(_core.ReplayBufferCore):
                 self._views[id(out)] = entry
         return out
 
-    def sample(self, batch_size: int, window: bool = False) -> Batch:
-        """A new batch of ``batch_size`` transitions drawn uniformly with replacement."""
+    def sample_into(self, out: Batch, beta: float = 0.4) -> Batch:
+        """Fill ``out`` (from ``empty_batch``) with a drawn batch, in place.
+
+        The batch size is ``len(out.ids)``. Allocates nothing; the draws and
+        the gather run in native code without the GIL. In window mode only
+        ``out.frames`` is written (``obs``/``next_obs`` are views of it).
+        ``beta`` sets the importance weights of a prioritized buffer.
+        """
+        return self._fill(out, beta if type(beta) is float and 0 <= beta < math.inf else _beta(beta), None)
+
+    def sample(self, batch_size: int, window: bool = False, beta: float = 0.4) -> Batch:
+        """A new batch of ``batch_size`` transitions drawn with replacement
+        (uniformly, or by priority when prioritized)."""
         if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        beta = _beta(beta)
         if len(self) == 0:
             raise ValueError("cannot sample from an empty replay buffer: add transitions first")
-        return self.sample_into(self.empty_batch(batch_size, window))
+        return self.sample_into(self.empty_batch(batch_size, window), beta)
+
+    def get(self, ids, window: bool = False, beta: float = 0.4) -> Batch:
+        """The stored transitions with these ids, as ``sample`` would return them.
+
+        ``ValueError`` naming the first id that is not stored.
+        """
+        ids = _ids(ids)
+        return self.get_into(ids, self.empty_batch(max(1, len(ids)), window), beta)
+
+    def get_into(self, ids, out: Batch, beta: float = 0.4) -> Batch:
+        """``get`` into a preallocated batch of ``len(ids)``."""
+        ids = _ids(ids)
+        if not isinstance(out, Batch):
+            raise TypeError(f"out must be a Batch (from empty_batch), got {type(out).__name__}")
+        return self._fill(out, _beta(beta), ids)
+
+    def update_priorities(self, ids, priorities) -> None:
+        """Set the priorities of sampled transitions (numpy or CPU torch arrays).
+
+        Priorities must be finite and >= 0 (else ``ValueError`` and nothing
+        changes); the buffer adds ``priority_eps`` and raises to ``alpha``
+        itself. Ids evicted since their sample are ignored; a repeated id
+        keeps its last priority.
+        """
+        if not self.prioritized:
+            raise ValueError("update_priorities: this buffer is not prioritized (construct it with prioritized=True)")
+        self._update_priorities(_ids(ids), _numpy(priorities, "priorities"))
+
+    def probabilities(self, ids):
+        """P(i) of each stored id, float64 (1/len(buf) when not prioritized)."""
+        return self._probabilities(_ids(ids))
 
     # --------------------------------------------------------------- persistence
     def save(self, path) -> None:
@@ -347,6 +483,28 @@ class ReplayBuffer(_core.ReplayBufferCore):
         # Pickling (e.g. Stable-Baselines3's save_replay_buffer) goes through
         # the same checked format, held in memory.
         return (replay_file.from_bytes, (replay_file.to_bytes(self),))
+
+
+def _numpy(x, name: str):
+    """numpy view of an input array (CPU torch tensors included; GPU ones are refused)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise TypeError(f"{name} must live in CPU memory, got a tensor on {x.device} (call .cpu() first)")
+        return x.detach().numpy()
+    return x
+
+
+def _ids(ids):
+    ids = _numpy(ids, "ids")
+    if ids is None or isinstance(ids, (str, bytes, float, bool)):
+        raise TypeError(f"ids must be an integer array, got {type(ids).__name__}")
+    a = np.asarray(ids) if not isinstance(ids, np.ndarray) else ids
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"ids must be an integer array, got dtype {a.dtype}")
+    if a.ndim != 1:
+        raise ValueError(f"ids must be 1-D, got shape {a.shape}")
+    return a
 
 
 def _torch_dtype(dtype: np.dtype):

@@ -1,6 +1,6 @@
 """The replay buffer file: `ReplayBuffer.save` / `ReplayBuffer.load`.
 
-File format (little-endian), version 1:
+File format (little-endian), version 2:
   preamble   8s magic, u32 format version, u32 header length N
   header     N bytes of JSON: {"config", "state", "arrays"}, then the
              u32 CRC-32C of preamble + JSON
@@ -8,6 +8,10 @@ File format (little-endian), version 1:
              header gives each one's dtype, shape, offset and nbytes. The
              rings are cut to the rows ever written.
   trailer    u32 CRC-32C of each array, then the end magic
+Version 2 adds n_step, gamma, prioritized, alpha and priority_eps to the
+config, max_priority to the state and, for prioritized buffers, the
+"priorities" array (each slot's (p + eps)^alpha). Version 1 files still
+load, as the uniform one-step buffers they were.
 Every byte is covered by a magic, a checksum, or an exact size check.
 Loading reads nothing but JSON and raw bytes (no pickle), checks the
 header, the file size and every checksum, and lets the core check the
@@ -92,7 +96,18 @@ def _config(buf) -> dict:
         "frame_reserve": buf.frame_reserve,
         "sample_threads": buf.sample_threads,
         "seed": buf.seed,
+        "n_step": int(buf.n_step),
+        "gamma": float(buf.gamma),
+        "prioritized": bool(buf.prioritized),
+        "alpha": float(buf.alpha),
+        "priority_eps": float(buf.priority_eps),
     }
+
+
+def _array_names(buf) -> tuple:
+    if buf.prioritized:
+        return _ARRAYS[:6] + ("priorities",) + _ARRAYS[6:]
+    return _ARRAYS
 
 def _layout(buf, arrays: dict, offset: int) -> list:
     """Each array's name, dtype, shape, offset and nbytes, as JSON values."""
@@ -104,11 +119,12 @@ def _layout(buf, arrays: dict, offset: int) -> list:
         "actions": (buf.action_dtype, buf.action_shape),
         "rewards": (np.dtype(np.float32), ()),
         "flags": (np.dtype(np.uint8), ()),
+        "priorities": (np.dtype(np.float64), ()),
         "stream_open": (np.dtype(np.uint8), ()),
         "stream_seqs": (np.dtype(np.int64), (k,)),
     }
     layout = []
-    for name in _ARRAYS:
+    for name in _array_names(buf):
         dtype, row = items[name]
         nbytes = int(arrays[name].nbytes)
         rows = ne if name.startswith("stream") else nbytes // (dtype.itemsize * int(np.prod(row, dtype=np.int64)))
@@ -127,6 +143,7 @@ def _write(buf, f) -> None:
             "arrays": None,
         }
         meta["state"]["rng"] = [int(x) for x in state["rng"]]
+        meta["state"]["max_priority"] = float(state["max_priority"])
         # The header's length depends on the offsets it lists: settle it.
         size = 0
         while True:
@@ -137,7 +154,7 @@ def _write(buf, f) -> None:
             size = len(header)
         head = _PREAMBLE.pack(_MAGIC, _VERSION, len(header)) + header
         _write_all(f, head + struct.pack("<I", _core.crc32c(head)))
-        crcs = [_write_array(f, arrays[name]) for name in _ARRAYS]
+        crcs = [_write_array(f, arrays[name]) for name in _array_names(buf)]
         _write_all(f, struct.pack(f"<{len(crcs)}I", *crcs) + _END)
 
     buf._snapshot(write)
@@ -155,8 +172,8 @@ def _read(cls, f, name: str):
     magic, version, header_len = _PREAMBLE.unpack(pre)
     if magic != _MAGIC:
         raise bad("not a dqn_fast replay buffer file (wrong magic bytes)")
-    if version != _VERSION:
-        raise bad(f"format version {version} is not supported (this dqn_fast reads version {_VERSION})")
+    if version not in _READS:
+        raise bad(f"format version {version} is not supported (this dqn_fast reads versions 1 to {_VERSION})")
     if header_len > _MAX_HEADER:
         raise bad(f"header length {header_len} is implausible (at most {_MAX_HEADER})")
     raw = _read_exact(f, header_len + 4)
@@ -169,7 +186,7 @@ def _read(cls, f, name: str):
     except (ValueError, RecursionError) as exc:
         raise bad(f"header is not valid JSON: {exc}") from None
     try:
-        config, state = _check_meta(meta)
+        config, state = _check_meta(meta, version)
     except ValueError as exc:
         raise bad(f"header: {exc}") from None
 
@@ -192,7 +209,9 @@ def _read(cls, f, name: str):
     layout = _layout(buf, arrays, start)
     if meta["arrays"] != layout:
         raise bad("header: the array list does not match the config and state")
-    trailer = _END_CRC.size + len(_END)
+    names = _array_names(buf)
+    end_crc = struct.Struct(f"<{len(names)}I")
+    trailer = end_crc.size + len(_END)
     expected = start + sum(a["nbytes"] for a in layout) + trailer
     if size < expected:
         raise bad(f"truncated: {size} bytes, expected {expected}")
@@ -200,10 +219,10 @@ def _read(cls, f, name: str):
         raise bad(f"{size - expected} unexpected bytes after the end ({expected} expected)")
     f.seek(expected - trailer)
     tail = _read_exact(f, trailer)
-    if tail[_END_CRC.size :] != _END:
+    if tail[end_crc.size :] != _END:
         raise bad("wrong end marker: the file is corrupted")
     f.seek(start)
-    for array_name, want in zip(_ARRAYS, _END_CRC.unpack(tail[: _END_CRC.size])):
+    for array_name, want in zip(names, end_crc.unpack(tail[: end_crc.size])):
         got = _read_array(f, arrays[array_name])
         if got is None:
             raise bad(f"truncated inside array {array_name!r} (did the file change while loading?)")
@@ -212,17 +231,17 @@ def _read(cls, f, name: str):
     try:
         buf._restore(
             state["next_seq"], state["head"], state["tail"], state["rng"],
-            arrays["stream_open"], arrays["stream_seqs"],
+            arrays["stream_open"], arrays["stream_seqs"], state["max_priority"],
         )
     except ValueError as exc:
         raise bad(f"inconsistent buffer state: {exc}") from None
     return buf
 
 
-_MAGIC, _END, _VERSION = b"DQNFREPL", b"DQNF-END", 1
+_MAGIC, _END, _VERSION = b"DQNFREPL", b"DQNF-END", 2
+_READS = (1, 2)
 _PREAMBLE = struct.Struct("<8sII")
 _ARRAYS = ("frames", "slots", "oldest", "actions", "rewards", "flags", "stream_open", "stream_seqs")
-_END_CRC = struct.Struct(f"<{len(_ARRAYS)}I")
 _MAX_HEADER = 1 << 20
 _CHUNK = 4 << 20  # checksum a chunk, then write it while it is still in cache
 _COUNT_MAX = 1 << 62  # the core's limit for its counters
@@ -231,10 +250,12 @@ _CONFIG_TYPES = {
     "action_shape": list, "action_dtype": str, "stack_axis": int, "frame_reserve": float,
     "sample_threads": int, "seed": int,
 }
+_CONFIG_TYPES_V2 = dict(_CONFIG_TYPES, n_step=int, gamma=float, prioritized=bool, alpha=float, priority_eps=float)
 
 
-def _check_meta(meta) -> Tuple[dict, dict]:
+def _check_meta(meta, version: int = _VERSION) -> Tuple[dict, dict]:
     """The config and state of a parsed header, every field's type checked."""
+    types = _CONFIG_TYPES_V2 if version >= 2 else _CONFIG_TYPES
 
     def keys(d, want, what):
         if not isinstance(d, dict) or set(d) != set(want):
@@ -242,8 +263,8 @@ def _check_meta(meta) -> Tuple[dict, dict]:
 
     keys(meta, ("config", "state", "arrays"), "the header")
     config, state = meta["config"], meta["state"]
-    keys(config, _CONFIG_TYPES, "config")
-    for key, kind in _CONFIG_TYPES.items():
+    keys(config, types, "config")
+    for key, kind in types.items():
         value = config[key]
         if type(value) is not kind or (kind is list and not all(type(d) is int for d in value)):
             what = "a list of ints" if kind is list else kind.__name__
@@ -253,13 +274,18 @@ def _check_meta(meta) -> Tuple[dict, dict]:
         if not (re.fullmatch(r"[<>|][biuf](1|2|4|8|16)", config[key]) and _dtype_str(config[key]) == config[key]):
             raise ValueError(f"config.{key} must be a bool, integer or float dtype string, got {config[key]!r}")
     config = dict(config, obs_dtype=np.dtype(config["obs_dtype"]), action_dtype=np.dtype(config["action_dtype"]))
-    keys(state, ("next_seq", "head", "tail", "rng"), "state")
+    keys(state, ("next_seq", "head", "tail", "rng") + (("max_priority",) if version >= 2 else ()), "state")
     for key in ("next_seq", "head", "tail"):
         if type(state[key]) is not int or not 0 <= state[key] < _COUNT_MAX:
             raise ValueError(f"state.{key} must be an int in [0, 2**62), got {state[key]!r}")
     rng = state["rng"]
     if not (isinstance(rng, list) and len(rng) == 4 and all(type(x) is int and 0 <= x < 2**64 for x in rng)):
         raise ValueError("state.rng must be 4 ints in [0, 2**64)")
+    if version >= 2:
+        if type(state["max_priority"]) is not float:
+            raise ValueError(f"state.max_priority must be a float, got {state['max_priority']!r}")
+    else:
+        state = dict(state, max_priority=1.0)
     return config, state
 
 

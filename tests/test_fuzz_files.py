@@ -116,7 +116,7 @@ def assemble(meta, arrays, pinned=frozenset(), transform=lambda text: text) -> b
             if isinstance(entry, dict) and "offset" in entry and ("arrays", i, "offset") not in pinned:
                 entry["offset"] = offset
             offset += len(arrays[name])
-    head = struct.pack("<8sII", b"DQNFREPL", 1, len(header)) + header
+    head = struct.pack("<8sII", b"DQNFREPL", replay_file._VERSION, len(header)) + header
     body = b"".join(bytes(arrays[name]) for name in replay_file._ARRAYS)
     crcs = [crc32c(bytes(arrays[name])) for name in replay_file._ARRAYS]
     return head + struct.pack("<I", crc32c(head)) + body + struct.pack(f"<{len(crcs)}I", *crcs) + b"DQNF-END"

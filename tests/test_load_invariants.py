@@ -150,6 +150,13 @@ def shift_flag_on_a_jump(f):
     f.flags[r] |= 4
 
 
+def follows_an_ended_episode(f):
+    # kFollows (8) says the env's previous transition left its stream open:
+    # set it right after a terminated or truncated one (n-step windows would cross the end).
+    tid = next(i for i in f.ids() if i - f.ne in f.ids() and f.flags[f.row(i - f.ne)] & 3)
+    f.flags[f.row(tid)] |= 8
+
+
 def with_layout_dtype(field, array, value):
     # A dtype string the layout list agrees with, so only the dtype check can fire.
     def fn(f):
@@ -215,7 +222,8 @@ CASES = [
     ("stream_open 2", lambda f: f.stream_open.__setitem__(0, 2), "stream open flags must be 0 or 1"),
     ("stream_open 255", lambda f: f.stream_open.__setitem__(-1, 255), "stream open flags must be 0 or 1"),
     # flags and PRNG
-    ("unknown flag bit 8", edit_row("flags", "oldest", lambda v: v | 8), "unknown flags"),
+    ("unknown flag bit 16", edit_row("flags", "oldest", lambda v: v | 16), "unknown flags"),
+    ("follows flag after an episode end", follows_an_ended_episode, "continues an episode that ended"),
     ("unknown flag bit 0x80", edit_row("flags", "newest", lambda v: v | 0x80), "unknown flags"),
     ("shift flag on a non-shift", shift_flag_on_a_jump, "marked as a shift but its frames are not"),
     ("PRNG all zeros", set_state("rng", [0, 0, 0, 0]), "PRNG state is all zeros"),

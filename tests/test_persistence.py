@@ -7,6 +7,7 @@ import pickle
 import struct
 import threading
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,7 +136,7 @@ def parse(data):
     return meta, arrays
 
 
-def build(meta, arrays, version=1):
+def build(meta, arrays, version=replay_file._VERSION):
     """A well-formed file (offsets and checksums right) around whatever meta and arrays hold."""
     size = -1
     while True:
@@ -146,8 +147,9 @@ def build(meta, arrays, version=1):
         for a in meta["arrays"]:
             a["offset"], offset = offset, offset + len(arrays[a["name"]])
     head = struct.pack("<8sII", b"DQNFREPL", version, len(header)) + header
-    body = b"".join(bytes(arrays[name]) for name in replay_file._ARRAYS)
-    crcs = [crc32c(bytes(arrays[name])) for name in replay_file._ARRAYS]
+    names = [a["name"] for a in meta["arrays"]]
+    body = b"".join(bytes(arrays[name]) for name in names)
+    crcs = [crc32c(bytes(arrays[name])) for name in names]
     return head + struct.pack("<I", crc32c(head)) + body + struct.pack(f"<{len(crcs)}I", *crcs) + b"DQNF-END"
 
 
@@ -189,8 +191,9 @@ def test_corruption_messages_say_where(saved):
             load_bytes(path, bad)
     with pytest.raises(ReplayFileError, match="unexpected bytes after the end"):
         load_bytes(path, data + b"\0")
-    with pytest.raises(ReplayFileError, match="format version 2 is not supported"):
-        load_bytes(path, build(*parse(data), version=2))
+    for version in (0, 3, 2**32 - 1):
+        with pytest.raises(ReplayFileError, match=f"format version {version} is not supported"):
+            load_bytes(path, build(*parse(data), version=version))
     with pytest.raises(FileNotFoundError):
         ReplayBuffer.load(path.parent / "missing.rb")
 
@@ -350,3 +353,18 @@ def test_saving_while_another_thread_adds_gives_consistent_snapshots(tmp_path):
         snap = ReplayBuffer.load(tmp_path / f"s{i}.rb")
         if len(snap):
             assert_batch_matches(snap.sample(64), ref, range(snap.total_adds - len(snap), snap.total_adds))
+
+
+def test_a_version_1_file_loads_as_the_uniform_one_step_buffer_it_was():
+    # tests/data/replay_v1.dqnr was written by the version-1 release (capacity 40,
+    # obs (3, 5, 6), k=3, 2 envs, 57 adds with ends, wrapped), and the npz holds
+    # the batch of 16 that buffer sampled right after saving.
+    data = Path(__file__).parent / "data"
+    buf = ReplayBuffer.load(data / "replay_v1.dqnr")
+    assert (buf.n_step, buf.prioritized, buf.max_priority) == (1, False, 1.0)
+    want = np.load(data / "replay_v1_sample16.npz")
+    batch = buf.sample(16)
+    for field in want.files:
+        np.testing.assert_array_equal(getattr(batch, field), want[field], err_msg=field)
+    np.testing.assert_array_equal(batch.discount, np.float32(buf.gamma))
+    np.testing.assert_array_equal(batch.weights, 1.0)
