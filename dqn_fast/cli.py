@@ -18,6 +18,11 @@ HELP = {
     "batch_size": "transitions per learner update",
     "learning_starts": "env steps before the first update",
     "train_freq": "env steps per learner update",
+    "n_step": "n-step returns: discounted reward sum over up to n steps, cut at episode ends",
+    "prioritized": "proportional prioritized replay (new priorities: |TD error|)",
+    "alpha": "prioritized replay: priority exponent",
+    "beta0": "prioritized replay: importance-weight exponent at the start, annealed linearly to 1",
+    "priority_eps": "prioritized replay: added to every priority by the buffer",
     "lr": "learning rate",
     "gamma": "discount factor",
     "optimizer": "adam | rmsprop (Nature DQN settings)",
@@ -27,6 +32,7 @@ HELP = {
     "target_update_interval": "learner updates between target-network syncs",
     "tau": "target sync: 1.0 hard copy, < 1 Polyak averaging",
     "hidden": "MLP hidden sizes for vector observations, comma separated",
+    "dueling": "dueling head: Q = V + A - mean(A)",
     "eps_start": "initial exploration epsilon",
     "eps_end": "final exploration epsilon",
     "exploration_fraction": "fraction of total steps over which epsilon decays linearly",
@@ -60,7 +66,16 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def train_config(args):
+    """The Config that `dqn-fast train` with these parsed arguments runs: the
+    env's recipe, with every flag given on top."""
+    from .config import Config
+
+    overrides = {k: v for k, v in vars(args).items() if k != "command"}
+    return Config.for_env(overrides.pop("env") or "CartPole-v1", **overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dqn-fast", description="Fast experience replay and DQN.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -76,7 +91,11 @@ def main(argv=None) -> int:
     bench.add_argument("--out", default="bench-results", help="directory for results.json and the plots (default: %(default)s)")
     bench.add_argument("--peers", default=None, help="comma-separated peer names to run (default: all; see dqn_fast/bench/peers.py)")
     bench.add_argument("--train", action="store_true", help="also time Atari training against a CleanRL-style loop (needs the atari and sb3 extras)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -89,11 +108,9 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     if args.command == "train":
-        from .config import Config
         from .train import train
 
-        overrides = {k: v for k, v in vars(args).items() if k != "command"}
-        summary = train(Config.for_env(overrides.pop("env") or "CartPole-v1", **overrides))
+        summary = train(train_config(args))
         print(
             f"done: {summary['steps']:,} steps, {summary['games']} episodes, "
             f"mean return (last 20) {summary['mean_return_last_20']}, {summary['steps_per_s']:.0f} steps/s, "

@@ -24,6 +24,11 @@ class Config:
     batch_size: int = 64
     learning_starts: int = 1_000
     train_freq: int = 1  # env steps per learner update
+    n_step: int = 1  # n-step returns (window length, cut at episode ends)
+    prioritized: bool = False  # proportional prioritized replay (Schaul et al. 2016)
+    alpha: float = 0.6  # priority exponent
+    beta0: float = 0.4  # importance-weight exponent at the start, annealed linearly to 1 at total_steps
+    priority_eps: float = 1e-6  # added to |TD error| by the buffer
     # learner
     lr: float = 1e-3
     gamma: float = 0.99
@@ -34,6 +39,7 @@ class Config:
     target_update_interval: int = 1  # learner updates between target syncs
     tau: float = 0.005  # 1.0: hard copy
     hidden: Sequence[int] = (128,)
+    dueling: bool = False  # dueling head: V + A - mean(A) (Wang et al. 2016)
     # exploration
     eps_start: float = 1.0
     eps_end: float = 0.05

@@ -89,37 +89,27 @@ class Batch(NamedTuple):
 
 
 def window_next_obs(frames, next_start, frame_stack: int, stack_last: bool = False):
-    """next_obs of a window batch: frames[b, next_start[b] : next_start[b] + k] per row.
-
-    numpy arrays or torch tensors (CPU or GPU); returns the shape of batch.obs.
-    """
+    """next_obs of a window batch: frames[b, s_b : s_b + k] with s_b = next_start[b]
+    (on the last axis when stack_last). numpy arrays or torch tensors on any
+    device: one gather there, no host sync. Returns batch.obs's shape (k == 1:
+    the stack axis dropped)."""
     k = _positive_int(frame_stack, "frame_stack")
-    stack_last = bool(stack_last) and k > 1  # one frame: the buffer never stacks last
+    dim = frames.ndim - 1 if stack_last and k > 1 else 1  # one frame: the buffer never stacks last
+    shape = [1] * frames.ndim
+    shape[0], shape[dim] = frames.shape[0], k
+    size = list(frames.shape)
+    size[dim] = k
     if isinstance(frames, np.ndarray):
-        starts = np.asarray(next_start, dtype=np.int64)
-        offsets = np.arange(k, dtype=np.int64)
-        index = starts[:, None] + offsets[None, :]
-        rows = np.arange(frames.shape[0])[:, None]
-        if stack_last:
-            out = np.moveaxis(np.moveaxis(frames, -1, 1)[rows, index], 1, -1)
-        else:
-            out = frames[rows, index]
+        index = np.asarray(next_start, dtype=np.int64).reshape(-1, 1) + np.arange(k)
+        out = np.take_along_axis(frames, np.broadcast_to(index.reshape(shape), size), axis=dim)
     else:
         torch = sys.modules.get("torch")
         if torch is None or not isinstance(frames, torch.Tensor):
             raise TypeError(f"frames must be a numpy array or torch tensor, got {type(frames).__name__}")
-        starts = torch.as_tensor(next_start, device=frames.device).long()
-        index = starts[:, None] + torch.arange(k, device=frames.device)[None, :]
-        if stack_last:
-            moved = frames.movedim(-1, 1)
-            index = index.view(*index.shape, *([1] * (moved.dim() - 2))).expand(-1, -1, *moved.shape[2:])
-            out = torch.gather(moved, 1, index).movedim(1, -1)
-        else:
-            index = index.view(*index.shape, *([1] * (frames.dim() - 2))).expand(-1, -1, *frames.shape[2:])
-            out = torch.gather(frames, 1, index)
-    if k == 1:
-        out = out[..., 0] if stack_last else out[:, 0]
-    return out
+        index = torch.as_tensor(next_start, device=frames.device).long().view(-1, 1)
+        index = index + torch.arange(k, device=frames.device)
+        out = frames.gather(dim, index.view(shape).expand(size))
+    return out[:, 0] if k == 1 else out
 
 
 def _shape(value, name: str) -> Tuple[int, ...]:

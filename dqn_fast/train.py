@@ -4,6 +4,12 @@ The loop, per iteration: act on all envs with one batched forward pass, step
 them, add one transition per env to the replay buffer, and run the learner
 updates that are due (one per `train_freq` env steps after `learning_starts`),
 fed by the prefetcher. `global_step` counts env steps over all envs.
+
+With `prioritized`, each update's |TD errors| go back to the buffer through
+the prefetcher (one update late, see dqn_fast/prefetch.py), and the
+importance-weight exponent beta grows linearly from `beta0` at step 0 to 1 at
+`total_steps`. With `n_step` > 1 the buffer returns n-step returns and each
+sample's bootstrap discount gamma**m.
 """
 
 from __future__ import annotations
@@ -82,6 +88,11 @@ class ThreadTuner:
         return result
 
 
+def replay_options(cfg: Config) -> dict:
+    """The buffer's n-step and prioritized-replay arguments for `cfg`."""
+    return dict(n_step=cfg.n_step, gamma=cfg.gamma, prioritized=cfg.prioritized, alpha=cfg.alpha, priority_eps=cfg.priority_eps)
+
+
 def checkpoint_path(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoint.pt")
 
@@ -111,6 +122,8 @@ class Trainer:
         self.cfg = cfg
         if cfg.num_envs < 1 or cfg.total_steps < 1 or cfg.batch_size < 1 or cfg.train_freq < 1:
             raise ValueError("num_envs, total_steps, batch_size and train_freq must be positive")
+        if not 0.0 <= cfg.beta0 <= 1.0:
+            raise ValueError(f"beta0 must be in [0, 1] (it is annealed to 1), got {cfg.beta0}")
         self.run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.env.replace('/', '_')}__{cfg.seed}")
         os.makedirs(self.run_dir, exist_ok=True)
         self.device = resolve_device(cfg.device)
@@ -127,8 +140,9 @@ class Trainer:
             frame_stack=self.envs.frame_stack,
             num_envs=cfg.num_envs,
             seed=cfg.seed,
+            **replay_options(cfg),
         )
-        self.agent = DQNAgent(self.envs.obs_shape, self.envs.n_actions, cfg.learner(), self.device, cfg.hidden)
+        self.agent = DQNAgent(self.envs.obs_shape, self.envs.n_actions, cfg.learner(), self.device, cfg.hidden, cfg.dueling)
         self.global_step = 0
         self.games = 0
         self.learning_starts = cfg.learning_starts
@@ -142,8 +156,12 @@ class Trainer:
             if self.prefetcher is not None:
                 self.prefetcher.barrier()
             self.buffer.save(buffer_path(self.run_dir))
+        # The last update's priorities are not in the buffer yet (one update
+        # late): kept here and applied on resume, so the file is complete.
+        pending = self.prefetcher.pending_priorities() if self.prefetcher is not None else None
         state = {
             "buffer_adds": self.buffer.total_adds if self.cfg.save_buffer else None,
+            "pending_priorities": pending if self.cfg.save_buffer else None,
             "config": dataclasses.asdict(self.cfg),
             "agent": self.agent.state_dict(),
             "global_step": self.global_step,
@@ -175,6 +193,9 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if self.cfg.save_buffer and self._restore_buffer(state.get("buffer_adds")):
+            pending = state.get("pending_priorities")
+            if pending is not None:
+                self.buffer.update_priorities(*pending)
             self.learning_starts = int(state["learning_starts"])
             self.start_updates = int(state["start_updates"])
             return True
@@ -189,7 +210,15 @@ class Trainer:
         if expected_adds is None or not os.path.exists(path):
             return False
         buffer = ReplayBuffer.load(path)
-        same = (buffer.capacity, buffer.num_envs, buffer.obs_shape) == (self.buffer.capacity, self.buffer.num_envs, self.buffer.obs_shape)
+        def layout(b):  # what the run's samples depend on (gamma: n-step rewards; alpha, eps: priorities)
+            n_step, prioritized = getattr(b, "n_step", 1), getattr(b, "prioritized", False)
+            return (
+                (b.capacity, b.num_envs, b.obs_shape, n_step, prioritized)
+                + ((b.gamma,) if n_step > 1 else ())
+                + ((b.alpha, b.priority_eps) if prioritized else ())
+            )
+
+        same = layout(buffer) == layout(self.buffer)
         if not same or buffer.total_adds != expected_adds:
             warnings.warn(f"{path} does not match the checkpoint or the config; refilling the buffer instead")
             return False
@@ -201,13 +230,20 @@ class Trainer:
         cfg = self.cfg
         return linear_epsilon(self.global_step, cfg.eps_start, cfg.eps_end, int(cfg.exploration_fraction * cfg.total_steps))
 
+    def beta(self) -> float:
+        """Importance-weight exponent now: beta0 at step 0, 1 at total_steps."""
+        cfg = self.cfg
+        return cfg.beta0 + (1.0 - cfg.beta0) * min(1.0, self.global_step / cfg.total_steps)
+
     def updates_due(self) -> int:
         if self.global_step < self.learning_starts or len(self.buffer) < self.cfg.batch_size:
             return 0
         target = (self.global_step - self.learning_starts) // self.cfg.train_freq + 1
         return max(0, target - (self.agent.updates - self.start_updates))
 
-    def run(self) -> dict:
+    def run(self, on_step=None) -> dict:
+        """Trains to cfg.total_steps. on_step(trainer), if given, runs after
+        every iteration (act, add, updates); returning True ends the run there."""
         cfg = self.cfg
         resumed = cfg.resume and self.restore()
         logger = RunLogger(self.run_dir, cfg.total_steps, self.global_step, progress=cfg.progress, log_every=cfg.log_interval)
@@ -240,8 +276,13 @@ class Trainer:
                     ep_return[e], ep_length[e] = 0.0, 0
 
                 for _ in range(self.updates_due()):
-                    b = prefetcher.next()
-                    losses.append(self.threads.run(lambda: self.agent.update(b.obs, b.action, b.reward, b.next_obs, b.terminated)))
+                    b = prefetcher.next(self.beta())
+                    weights = b.weights if cfg.prioritized else None  # all 1 otherwise
+                    discount = b.discount if cfg.n_step > 1 else None  # gamma otherwise
+                    loss, td = self.threads.run(lambda: self.agent.train_step(b.obs, b.action, b.reward, b.next_obs, b.terminated, weights, discount))
+                    losses.append(loss)
+                    if cfg.prioritized:
+                        prefetcher.update_priorities(td)
 
                 if logger.due(self.global_step) or self.global_step >= cfg.total_steps:
                     elapsed = time.perf_counter() - start
@@ -260,6 +301,8 @@ class Trainer:
                 if self.global_step >= next_checkpoint:
                     self.save()
                     next_checkpoint += cfg.checkpoint_interval
+                if on_step is not None and on_step(self):
+                    break
             elapsed = time.perf_counter() - start
             self.save()
         finally:
@@ -299,23 +342,9 @@ def evaluate(checkpoint: str, episodes: int = 10, seed: int = 1_000_003, epsilon
     state = torch.load(checkpoint, map_location=dev, weights_only=False)
     cfg = Config(**{k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
     eps = cfg.eval_epsilon if epsilon is None else epsilon
-    agent = DQNAgent(state["obs_shape"], state["n_actions"], cfg.learner(), dev, cfg.hidden)
+    agent = DQNAgent(state["obs_shape"], state["n_actions"], cfg.learner(), dev, cfg.hidden, cfg.dueling)
     agent.load_state_dict(state["agent"])
-    rng = np.random.default_rng(seed)
-    returns: List[float] = []
-    while len(returns) < episodes:
-        # Each env of a round plays exactly one episode: no bias toward short ones.
-        n = min(episodes - len(returns), 16)
-        envs = make_env(cfg.env, n, training=False)
-        obs = envs.reset(seed=seed + len(returns))
-        totals, done = np.zeros(n), np.zeros(n, bool)
-        while not done.all():
-            step = envs.step(agent.act(obs, eps, rng))
-            totals += np.where(done, 0.0, step.reward)
-            done |= step.game_over
-            obs = step.obs
-        envs.close()
-        returns.extend(totals.tolist())
+    returns = play(agent, cfg.env, episodes, seed, eps)
     return {
         "env": cfg.env,
         "episodes": episodes,
@@ -325,3 +354,24 @@ def evaluate(checkpoint: str, episodes: int = 10, seed: int = 1_000_003, epsilon
         "epsilon": eps,
         "checkpoint_step": int(state["global_step"]),
     }
+
+
+def play(agent: DQNAgent, env: str, episodes: int, seed: int = 1_000_003, epsilon: float = 0.0) -> List[float]:
+    """Returns of `episodes` evaluation episodes (full games, raw scores) played
+    by `agent`, epsilon-greedy, with a generator of its own."""
+    rng = np.random.default_rng(seed)
+    returns: List[float] = []
+    while len(returns) < episodes:
+        # Each env of a round plays exactly one episode: no bias toward short ones.
+        n = min(episodes - len(returns), 16)
+        envs = make_env(env, n, training=False)
+        obs = envs.reset(seed=seed + len(returns))
+        totals, done = np.zeros(n), np.zeros(n, bool)
+        while not done.all():
+            step = envs.step(agent.act(obs, epsilon, rng))
+            totals += np.where(done, 0.0, step.reward)
+            done |= step.game_over
+            obs = step.obs
+        envs.close()
+        returns.extend(totals.tolist())
+    return returns

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dqn_fast.agent import DQNAgent, LearnerConfig, linear_epsilon, td_targets
-from dqn_fast.networks import MLP, NatureCNN, q_network
+from dqn_fast.networks import MLP, Dueling, NatureCNN, q_network
 
 
 def test_td_targets_by_hand_terminated_does_not_bootstrap_truncated_does():
@@ -123,3 +123,107 @@ def test_networks_have_the_published_shapes():
     assert isinstance(mlp, MLP) and [m.out_features for m in mlp.net if isinstance(m, torch.nn.Linear)] == [128, 2]
     with pytest.raises(ValueError, match="no Q-network"):
         q_network((2, 3), 2)
+
+
+def test_dueling_heads_have_two_streams_and_q_is_v_plus_a_minus_mean_a():
+    torch.manual_seed(0)
+    mlp = q_network((3,), 4, hidden=(8, 6), dueling=True)
+    head = mlp.net[-1]
+    assert isinstance(head, Dueling)
+    assert (head.value.in_features, head.value.out_features) == (6, 1)
+    assert (head.advantage.in_features, head.advantage.out_features) == (6, 4)
+    x = torch.randn(5, 3)
+    h = mlp.net[:-1](x)
+    v, a = head.value(h), head.advantage(h)
+    q = mlp(x)
+    assert q.shape == (5, 4)
+    torch.testing.assert_close(q, v + a - a.mean(dim=1, keepdim=True))
+    torch.testing.assert_close(q.mean(dim=1), v.squeeze(1))  # the mean over actions is V
+    assert torch.equal(q.argmax(1), a.argmax(1))  # A ranks the actions
+
+    cnn = q_network((4, 84, 84), 6, dueling=True)
+    assert isinstance(cnn.head, Dueling)
+    for stream, out in ((cnn.head.value, 1), (cnn.head.advantage, 6)):
+        assert [(m.in_features, m.out_features) for m in stream if isinstance(m, torch.nn.Linear)] == [(3136, 512), (512, out)]
+    frames = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
+    h = cnn.features(frames.float() / 255.0)
+    v, a = cnn.head.value(h), cnn.head.advantage(h)
+    torch.testing.assert_close(cnn(frames), v + a - a.mean(dim=1, keepdim=True))
+    # a plain head has no value stream: one linear layer per action
+    assert not any(isinstance(m, Dueling) for m in q_network((3,), 4).modules())
+
+
+def test_the_agent_builds_a_dueling_net_and_its_target_copy():
+    agent = DQNAgent((3,), 2, LearnerConfig(), "cpu", hidden=(4,), dueling=True)
+    assert isinstance(agent.online.net[-1], Dueling) and isinstance(agent.target.net[-1], Dueling)
+    agent.update(**tiny_batch())  # trains like any other head
+
+
+def by_hand(agent, b, discount, weights, loss="mse", double=False):
+    """Loss and |TD error| of the agent's current nets, written out."""
+    with torch.no_grad():
+        q = agent.online(b["obs"])[torch.arange(5), b["action"]]
+        next_q = agent.target(b["next_obs"])
+        if double:
+            next_v = next_q[torch.arange(5), agent.online(b["next_obs"]).argmax(1)]
+        else:
+            next_v = next_q.max(1).values
+        y = b["reward"] + discount * (~b["terminated"]).float() * next_v
+        err = q - y
+        per = err**2 if loss == "mse" else torch.where(err.abs() < 1, 0.5 * err**2, err.abs() - 0.5)
+        return (weights * per).mean(), err.abs()
+
+
+@pytest.mark.parametrize("loss", ["mse", "huber"])
+@pytest.mark.parametrize("double", [False, True])
+def test_weighted_loss_discount_and_td_errors_equal_the_hand_computation(loss, double):
+    agent = DQNAgent((3,), 2, LearnerConfig(loss=loss, double_dqn=double, max_grad_norm=0.0, lr=0.05, target_update_interval=10**9), "cpu", hidden=(4,))
+    b = tiny_batch()
+    b["reward"] = b["reward"] * 3  # errors on both sides of Huber's kink
+    weights = torch.tensor([1.0, 0.25, 0.5, 0.1, 0.75])
+    discount = torch.tensor([0.5, 0.9, 0.0, 0.729, 0.99])  # gamma**m per row; 0 cuts the bootstrap
+    expected_loss, expected_td = by_hand(agent, b, discount, weights, loss, double)
+    unweighted, _ = by_hand(agent, b, discount, torch.ones(5), loss, double)
+    assert not torch.allclose(unweighted, expected_loss)  # the weights matter on this batch
+    with torch.no_grad():
+        q2 = agent.online(b["obs"])[2, b["action"][2]]
+    got_loss, got_td = agent.train_step(**b, weights=weights, discount=discount)
+    torch.testing.assert_close(got_loss, expected_loss)
+    torch.testing.assert_close(got_td, expected_td)
+    assert got_td.shape == (5,) and not got_td.requires_grad
+    # row 2 has discount 0: its target is its reward, whatever the next state
+    torch.testing.assert_close(got_td[2], (q2 - b["reward"][2]).abs())
+
+
+def test_discount_replaces_gamma_in_the_target():
+    b = tiny_batch()
+    gamma = 0.99
+    agent = tiny_agent(target_update_interval=10**9)
+    initial = agent.state_dict()
+    initial = {"online": {k: v.clone() for k, v in initial["online"].items()}, "target": {k: v.clone() for k, v in initial["target"].items()}}
+    with torch.no_grad():
+        next_max = agent.target(b["next_obs"]).max(1).values
+        q = agent.online(b["obs"])[torch.arange(5), b["action"]]
+    # gamma**3 on every row: the n = 3 target, not the one-step one
+    discount = torch.full((5,), gamma**3)
+    _, td = agent.train_step(**b, discount=discount)
+    live = ~b["terminated"]
+    y3 = b["reward"] + gamma**3 * live.float() * next_max
+    y1 = b["reward"] + gamma * live.float() * next_max
+    torch.testing.assert_close(td, (q - y3).abs())
+    assert not torch.allclose(td[live], (q - y1).abs()[live])
+    # and without a discount the target uses gamma, as before
+    fresh = tiny_agent(target_update_interval=10**9)
+    fresh.online.load_state_dict(initial["online"])
+    fresh.target.load_state_dict(initial["target"])
+    _, td1 = fresh.train_step(**b)
+    torch.testing.assert_close(td1, (q - y1).abs())
+
+
+def test_update_with_all_one_weights_equals_the_unweighted_update():
+    a, b = tiny_agent(), tiny_agent()
+    b.online.load_state_dict(a.online.state_dict())
+    b.target.load_state_dict(a.target.state_dict())
+    batch = tiny_batch()
+    torch.testing.assert_close(a.update(**batch), b.update(**batch, weights=torch.ones(5)))
+    assert all(torch.equal(x, y) for x, y in zip(a.online.parameters(), b.online.parameters()))

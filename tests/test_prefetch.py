@@ -10,7 +10,8 @@ import torch
 
 from dqn_fast import ReplayBuffer
 from dqn_fast.prefetch import Prefetcher
-from reference import EpisodeStreams, ReferenceReplay, StreamConfig, assert_batch_matches
+from dqn_fast.replay import window_next_obs
+from reference import EpisodeStreams, ReferenceReplay, StreamConfig, assert_batch_matches, assert_nstep_batch_matches
 
 CFG = StreamConfig(num_envs=2, frame_stack=4, frame_shape=(10, 12), palette=256, min_len=5, max_len=40)
 
@@ -119,3 +120,135 @@ def test_sampling_errors_reach_the_learner():
                     pf.next()
     with pytest.raises(ValueError, match="depth"):
         Prefetcher(empty, 4, "cpu", depth=-1)
+
+
+# ------------------------------------------------------------ n-step windows
+@pytest.mark.parametrize("k, stack_last", [(1, False), (4, False), (4, True)])  # k = 1 never stacks last
+def test_window_next_obs_cuts_each_row_at_its_own_start(k, stack_last):
+    n, frame = 3, (2, 3)
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (5, k + n, *frame), dtype=torch.uint8, generator=g)
+    start = torch.tensor([1, 3, 2, 1, 3])
+    if stack_last:
+        frames = frames.movedim(1, -1)
+    got = window_next_obs(frames, start, k, stack_last=stack_last)
+    for b in range(5):
+        s = int(start[b])
+        if k == 1:
+            want = frames[b, s]  # obs without a stack axis
+        else:
+            want = frames[b, ..., s : s + k] if stack_last else frames[b, s : s + k]
+        assert torch.equal(got[b], want), b
+
+
+def nstep_buffer(seed=3, n=3, prioritized=False):
+    return ReplayBuffer(300, (4, 10, 12), frame_stack=4, num_envs=2, seed=seed, n_step=n, gamma=0.9, prioritized=prioritized)
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+@pytest.mark.parametrize("window", [True, False])
+def test_n_step_batches_match_the_reference_through_the_prefetcher(depth, window):
+    buf, ref = nstep_buffer(), ReferenceReplay(300)
+    streams = EpisodeStreams(CFG, 4)
+    for _ in range(120):
+        args = streams.step()
+        buf.add(*args)
+        ref.add(*args)
+    with Prefetcher(buf, 32, "cpu", depth=depth, window=window) as pf:
+        for _ in range(10):
+            b = pf.next()
+            if window:
+                assert b.frames.shape == (32, 4 + 3, 10, 12)
+                assert b.next_start.min() >= 1 and b.next_start.max() <= 3
+            assert_nstep_batch_matches(b, ref, 3, 0.9)
+            if depth == 0:
+                # Synchronous batches see every add. (A prefetched one was drawn
+                # before the adds since, when the newest windows were shorter.)
+                args = streams.step()
+                buf.add(*args)
+                ref.add(*args)
+
+
+# ------------------------------------------------------------ priorities
+CAP, B = 64, 8
+
+
+def prioritized_twins(seed=5):
+    """Two prioritized buffers with the same seed and the same 64 transitions."""
+    # (a generous frame reserve: each episode start stores an extra frame, and all 64 must stay)
+    make = lambda: ReplayBuffer(CAP, (3,), np.float32, seed=seed, prioritized=True, alpha=0.7, frame_reserve=0.5)
+    a, b = make(), make()
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(1, 3)).astype(np.float32)
+    for t in range(CAP):
+        nxt = rng.normal(size=(1, 3)).astype(np.float32)
+        args = (obs, np.array([t % 2]), np.array([1.0], np.float32), nxt, np.array([t % 9 == 8]), np.array([False]))
+        a.add(*args)
+        b.add(*args)
+        obs = nxt
+    return a, b
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_priorities_reach_the_buffer_one_update_late(depth):
+    """The documented lag: batch j is drawn from priorities that include
+    updates 0 .. j - depth - 1. The model: next() call u applies update u - 1,
+    then draws (depth + 1 batches on the first call, one after)."""
+    a, model = prioritized_twins()
+    stored = np.arange(CAP)
+    rng = np.random.default_rng(1)
+    drawn = deque()  # the model's batches, in the order they were asked for
+    previous = None  # (ids, priorities) of the last update
+    changes = 0
+    with Prefetcher(a, B, "cpu", depth=depth, window=False) as pf:
+        for u in range(25):
+            beta = 0.4 + 0.02 * u
+            before = a.probabilities(stored)
+            got = pf.next(beta)
+            if previous is not None:
+                model.update_priorities(*previous)
+            drawn.extend(model.sample(B, beta=beta) for _ in range(depth + 1 if u == 0 else 1))
+            want = drawn.popleft()
+            assert np.array_equal(got.ids.numpy(), want.ids), u
+            assert np.array_equal(got.weights.numpy(), want.weights), u
+            pf.barrier()
+            now = a.probabilities(stored)
+            assert np.array_equal(now, model.probabilities(stored)), f"after next() {u} the buffer holds updates 0..{u - 1}"
+            changes += not np.array_equal(now, before)
+
+            p = torch.from_numpy(rng.uniform(0.0, 3.0, B).astype(np.float32))
+            pf.update_priorities(p)
+            pf.barrier()
+            # handed back, not applied yet: the next draw applies it
+            assert np.array_equal(a.probabilities(stored), now), f"update {u} must wait for next()"
+            assert np.array_equal(pf.pending_priorities()[0], got.ids.numpy())
+            assert np.array_equal(pf.pending_priorities()[1], p.numpy())
+            previous = (got.ids.numpy().copy(), p.numpy().copy())
+    assert changes == 24  # every next() after the first applied one update
+    assert not np.allclose(a.probabilities(stored), 1 / CAP)
+
+
+def test_priority_handback_errors_are_clear():
+    filled = filled_twins(20)[0]
+    with Prefetcher(filled, 4, "cpu", depth=0) as pf:
+        pf.next()
+        with pytest.raises(ValueError, match="prioritized buffer"):
+            pf.update_priorities(torch.ones(4))
+        assert pf.pending_priorities() is None
+    a, _ = prioritized_twins()
+    with Prefetcher(a, B, "cpu", depth=1, window=False) as pf:
+        with pytest.raises(ValueError, match="after next"):
+            pf.update_priorities(torch.ones(B))
+        pf.next()
+        with pytest.raises(ValueError, match=rf"shape \({B},\)"):
+            pf.update_priorities(torch.ones(B + 1))
+        with pytest.raises(TypeError, match="torch tensor"):
+            pf.update_priorities(np.ones(B))
+        assert pf.pending_priorities() is None
+        pf.update_priorities(torch.full((B,), float("nan")))
+        # A NaN loss stops training instead of poisoning the tree. The update is
+        # applied by the job the next call asks for, so its error reaches the
+        # learner with that job's batch: depth (here 1) calls later at most.
+        with pytest.raises(ValueError, match="finite"):
+            for _ in range(2):
+                pf.next()

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from dqn_fast import ReplayBuffer
 from dqn_fast import train as train_mod
+from dqn_fast.networks import Dueling
 from dqn_fast.train import Config, Trainer, evaluate, train
 
 
@@ -169,3 +171,85 @@ def test_recipes():
     assert atari.loss == "huber" and atari.clip_rewards
     assert Config.for_env("ALE/Breakout-v5", lr=3e-4, batch_size=None).lr == 3e-4
     assert np.isclose(Config.for_env("CartPole-v1").eps_end, 0.05)
+
+
+def test_replay_flags_parse_into_the_config():
+    from dqn_fast.cli import build_parser, train_config
+
+    args = build_parser().parse_args(
+        "train --n-step 3 --prioritized --alpha 0.5 --beta0 0.3 --priority-eps 1e-5 --dueling --no-double-dqn".split()
+    )
+    cfg = train_config(args)
+    assert (cfg.n_step, cfg.prioritized, cfg.alpha, cfg.beta0, cfg.priority_eps, cfg.dueling) == (3, True, 0.5, 0.3, 1e-5, True)
+    assert cfg.double_dqn is False and cfg.env == "CartPole-v1"
+    recipe = Config.for_env("CartPole-v1")
+    plain = train_config(build_parser().parse_args(["train", "--no-prioritized"]))
+    assert plain.prioritized is False and (plain.n_step, plain.dueling, plain.lr) == (recipe.n_step, recipe.dueling, recipe.lr)
+    with pytest.raises(SystemExit):  # argparse rejects a non-integer n
+        build_parser().parse_args(["train", "--n-step", "2.5"])
+
+
+def test_beta_is_annealed_from_beta0_to_one_and_reaches_the_sampler(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="beta0"):
+        Trainer(short_cartpole(tmp_path, beta0=1.5))
+    trainer = Trainer(short_cartpole(tmp_path, total_steps=1000, beta0=0.2))
+    for step, beta in ((0, 0.2), (500, 0.6), (1000, 1.0), (4000, 1.0)):
+        trainer.global_step = step
+        assert trainer.beta() == pytest.approx(beta)
+    trainer.global_step = 0
+    asked = []
+    real_next = train_mod.Prefetcher.next
+
+    def spy(self, beta=0.4):
+        asked.append((trainer.global_step, beta))
+        return real_next(self, beta)
+
+    monkeypatch.setattr(train_mod.Prefetcher, "next", spy)
+    trainer.run()
+    assert len(asked) == trainer.agent.updates > 0
+    assert all(beta == pytest.approx(0.2 + 0.8 * step / 1000) for step, beta in asked)
+
+
+def replay_cartpole(tmp_path, **kw):
+    return short_cartpole(tmp_path, n_step=3, prioritized=True, dueling=True, **kw)
+
+
+def test_n_step_prioritized_dueling_trains_cartpole(tmp_path):
+    trainer = Trainer(replay_cartpole(tmp_path, total_steps=1500, torch_threads=1))
+    assert trainer.buffer.n_step == 3 and trainer.buffer.prioritized and trainer.buffer.gamma == trainer.cfg.gamma
+    assert isinstance(trainer.agent.online.net[-1], Dueling)
+    summary = trainer.run()
+    assert summary["steps"] == 1500 and trainer.agent.updates == 1500 - 200 + 1
+    assert np.isfinite(np.loadtxt(tmp_path / "progress.csv", delimiter=",", skiprows=1, usecols=3)).all()  # loss column
+    # the TD errors reached the buffer: probabilities are far from uniform
+    p = trainer.buffer.probabilities(np.arange(500, 1500))
+    assert p.max() > 3 * p.min()
+    assert trainer.buffer.max_priority != 1.0
+    result = evaluate(str(tmp_path / "checkpoint.pt"), episodes=2, seed=5)  # rebuilds the dueling net
+    assert len(result["returns"]) == 2 and all(r >= 1 for r in result["returns"])
+
+
+def test_resume_keeps_n_step_priorities_and_the_pending_update(tmp_path):
+    first = Trainer(replay_cartpole(tmp_path, total_steps=1500, save_buffer=True))
+    first.run()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ids, prios = saved["pending_priorities"]  # the last update: not in the buffer file yet
+    assert len(ids) == first.cfg.batch_size and np.isfinite(prios).all()
+    on_disk = ReplayBuffer.load(tmp_path / "replay.dqnf")
+    assert (on_disk.n_step, on_disk.prioritized, on_disk.alpha) == (3, True, first.cfg.alpha)
+    stored = np.arange(1500 - on_disk.capacity if len(on_disk) == on_disk.capacity else 0, 1500)
+    without = on_disk.probabilities(stored)
+    on_disk.update_priorities(ids, prios)
+
+    resumed = Trainer(replay_cartpole(tmp_path, total_steps=2000, save_buffer=True, resume=True))
+    assert resumed.restore()
+    assert np.array_equal(resumed.buffer.probabilities(stored), on_disk.probabilities(stored))
+    assert not np.array_equal(resumed.buffer.probabilities(stored), without)
+    summary = Trainer(replay_cartpole(tmp_path, total_steps=2000, save_buffer=True, resume=True)).run()
+    assert summary["resumed"] and summary["steps"] == 2000
+
+    # a buffer of another n (or without priorities) is not reused
+    with pytest.warns(UserWarning, match="refilling"):
+        other = Trainer(short_cartpole(tmp_path, total_steps=2500, save_buffer=True, resume=True, n_step=2, prioritized=True, dueling=True))
+        other.restore()
+    assert len(other.buffer) == 0 and other.buffer.n_step == 2
