@@ -75,3 +75,27 @@ def test_memcpy_reference(benchmark):
     benchmark(np.copyto, dst, src)
     if benchmark.stats is not None:
         benchmark.extra_info["GB/s"] = src.nbytes / benchmark.stats.stats.median / 1e9
+
+
+# prioritized (sample + update of the batch's priorities) and n-step (n=3) peers, filled one step per add
+from dqn_fast.bench import features, peers_features  # noqa: E402
+
+FEATURE_PEERS = peers_features.PER + peers_features.NSTEP
+
+
+@pytest.mark.parametrize("batch", [32, 256])
+@pytest.mark.parametrize("peer_cls", FEATURE_PEERS, ids=[p.name for p in FEATURE_PEERS])
+def test_feature_sample(benchmark, peer_cls, batch):
+    peer_or_fail(peer_cls)
+    if peer_cls.unavailable():
+        pytest.fail(f"{peer_cls.name}: {peer_cls.unavailable()}")
+    peer = peer_cls(CAPACITY, suite.OBS_SHAPE, suite.K, 1, seed=1)
+    features.fill_steps([peer], CAPACITY, seed=7)
+    try:
+        if peer_cls.kind == "per":
+            one = features.per_round(peer, batch, 1, seed=batch)  # one sample + update per call
+            benchmark(one)
+        else:
+            assert benchmark(peer.sample, batch)[0].shape[0] == batch
+    finally:
+        peer.close()

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ev.add_argument("--json", action="store_true", help="end with one line of JSON")
     bench = sub.add_parser("bench", help="replay buffers side by side: table, results.json, plots")
-    bench.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes (full: under 10)")
+    bench.add_argument("--quick", action="store_true", help="small sizes, about 3 minutes (full: about 17)")
     bench.add_argument("--out", default="bench-results", help="directory for results.json and the plots (default: %(default)s)")
     bench.add_argument("--peers", default=None, help="comma-separated peer names to run (default: all; see dqn_fast/bench/peers.py)")
     bench.add_argument("--train", action="store_true", help="also time Atari training against a CleanRL-style loop (needs the atari and sb3 extras)")
@@ -133,9 +133,10 @@ def _run(args) -> int:
     elif args.command == "bench":
         from .bench import run
         from .bench.peers import COMPARED
+        from .bench.peers_features import BY_NAME as FEATURE_PEERS
 
         only = None if args.peers is None else [p.strip() for p in args.peers.split(",") if p.strip()]
-        names = [c.name for c in COMPARED]
+        names = [c.name for c in COMPARED] + [n for n in FEATURE_PEERS if n not in {c.name for c in COMPARED}]
         unknown = [p for p in only or [] if p not in names]
         if unknown:
             raise ValueError(f"--peers: unknown {unknown}; expected names from {names}")

@@ -147,3 +147,142 @@ def test_a_missing_peer_says_what_to_install(monkeypatch):
 
     assert Ghost.missing() == "not installed (pip install ghost-replay)"
     assert peers.CpprbCompressed.supports(8).startswith("not applicable")
+
+
+# --------------------------------------------------------------------------- prioritized and n-step peers
+from dqn_fast.bench import peers_features as F  # noqa: E402
+
+G, N = F.GAMMA, F.N_STEP
+
+
+def nstep_expected(per_env, cap_per_env, with_discount=True):
+    """The issue's n-step window: t and the env's following transitions, up to
+    N, ending inclusively at a termination or truncation or at the env's newest."""
+    out = set()
+    for stream in per_env:
+        live = stream[-cap_per_env:]
+        for j, t in enumerate(live):
+            reward, m = 0.0, 0
+            for i in range(j, min(j + N, len(live))):
+                reward += G**m * float(live[i]["reward"])
+                m += 1
+                if live[i]["term"] or live[i]["trunc"]:
+                    break
+            last = live[j + m - 1]
+            out.add(nkey(t["obs"], t["action"], reward, last["next_obs"], last["term"], G**m if with_discount else None))
+    return out
+
+
+def nkey(obs, action, reward, next_obs, done, discount):
+    return (*key(obs, action, round(float(reward), 4), next_obs, done)[:2], round(float(reward), 4),
+            np.ascontiguousarray(next_obs).tobytes(), bool(done), None if discount is None else round(float(discount), 5))
+
+
+def nsampled(peer, draws, batch=8):
+    got = set()
+    for _ in range(draws // batch + 1):
+        obs, action, reward, nxt, done, discount = peer.sample(batch)
+        for i in range(batch):
+            got.add(nkey(obs[i].numpy(), action[i], reward[i], nxt[i].numpy(), done[i],
+                         None if discount is None else discount[i]))
+    return got
+
+
+def usable(cls):
+    assert cls.missing() is None, f"{cls.name}: {cls.missing()}"
+    assert cls.unavailable() is None, f"{cls.name}: {cls.unavailable()}"
+
+
+PER_CASES = [(cls, n) for cls in (F.DqnFastPrioritized, F.CpprbPrioritized, F.TianshouPrioritized) for n in (1, 3)
+             if cls.supports(n) is None]
+
+
+@pytest.mark.parametrize("cls,num_envs", PER_CASES, ids=[f"{c.name}-{n}env" for c, n in PER_CASES])
+@pytest.mark.parametrize("steps", [40, 200], ids=["partial", "wrapped"])
+def test_prioritized_adapter_returns_the_reference_transitions(cls, num_envs, steps):
+    """Same transitions as the uniform reference (Tianshou: its documented stacking),
+    weights in (0, 1], and update() reaches the sampled transition: one given a large
+    priority is then drawn far above its uniform share."""
+    usable(cls)
+    capacity = 90
+    envs = AtariEnvs(num_envs, seed=num_envs + steps, min_len=2, max_len=15, frame=(6, 7), pool_size=200)
+    peer = cls(capacity, envs.obs_shape, K, num_envs, seed=1)
+    try:
+        per_env = feed(peer, envs, steps // num_envs)
+        want = (expected(peers.Tianshou, per_env, capacity // num_envs, K) if cls is F.TianshouPrioritized
+                else exact(t for s in per_env for t in s[-(capacity // num_envs):]))
+        got = set()
+        for _ in range(40 * len(want) // 8 + 1):
+            obs, action, reward, nxt, done, weights = peer.sample(8)
+            got.update(key(obs[i].numpy(), action[i], reward[i], nxt[i].numpy(), done[i]) for i in range(8))
+            w = weights.numpy()
+            assert np.all(w > 0) and np.all(w <= 1 + 1e-6), w
+        assert got == want, f"{len(got - want)} unexpected, {len(want - got)} never sampled"
+        obs, action, reward, nxt, done, _ = peer.sample(16)
+        keys = [key(obs[i].numpy(), action[i], reward[i], nxt[i].numpy(), done[i]) for i in range(16)]
+        peer.update(np.array([1e3 if k == keys[0] else 1e-3 for k in keys], np.float32))
+        hits = 0
+        for _ in range(50):
+            obs, action, reward, nxt, done, _ = peer.sample(8)
+            hits += sum(key(obs[i].numpy(), action[i], reward[i], nxt[i].numpy(), done[i]) == keys[0] for i in range(8))
+        assert hits > 0.2 * 400, f"{hits} of 400 draws (uniform share {400 / len(want):.0f})"
+    finally:
+        peer.close()
+
+
+NSTEP_CASES = [(cls, n) for cls in (F.DqnFastNStep, F.SB3NStep) for n in (1, 3)]
+
+
+@pytest.mark.parametrize("cls,num_envs", NSTEP_CASES, ids=[f"{c.name}-{n}env" for c, n in NSTEP_CASES])
+@pytest.mark.parametrize("steps", [40, 200], ids=["partial", "wrapped"])
+def test_nstep_adapter_returns_the_reference_returns(cls, num_envs, steps):
+    """n-step reward, next_obs, done and discount of every stored transition, as the
+    issue defines them (SB3's NStepReplayBuffer is exact here too)."""
+    usable(cls)
+    capacity = 90
+    envs = AtariEnvs(num_envs, seed=num_envs + steps, min_len=2, max_len=6, frame=(6, 7), pool_size=200)
+    peer = cls(capacity, envs.obs_shape, K, num_envs, seed=1)
+    try:
+        per_env = feed(peer, envs, steps // num_envs)
+        want = nstep_expected(per_env, capacity // num_envs)
+        got = nsampled(peer, 40 * len(want))
+        assert got == want, f"{len(got - want)} unexpected, {len(want - got)} never sampled"
+    finally:
+        peer.close()
+
+
+def test_cpprb_nstep_is_reported_unavailable_with_frame_stacks_for_what_it_returns():
+    """Its compressed set-up returns no next_obs; the plain one returns next_obs
+    frames that were never added: both checked here, beside the reported reason."""
+    reason = F.CpprbNstep.unavailable()
+    assert reason is not None and "no next_obs" in reason and "never added" in reason
+    envs = AtariEnvs(1, seed=0, min_len=2, max_len=12, frame=(6, 7), pool_size=200)
+    peer = F.CpprbNstep(40, envs.obs_shape, K, 1, compressed=True)
+    for _ in range(60):
+        peer.add(*peers.unbatched(envs.step()))
+    assert "next_obs" not in peer.rb.sample(8)
+
+
+def test_torchrl_prioritized_is_measured_or_reported_with_its_own_exception():
+    reason = F.TorchRLPrioritized.unavailable()
+    if reason is None:  # it runs beside this torch: then it must be exact
+        envs = AtariEnvs(1, seed=3, min_len=2, max_len=15, frame=(6, 7), pool_size=200)
+        peer = F.TorchRLPrioritized(90, envs.obs_shape, K, 1, seed=1)
+        per_env = feed(peer, envs, 200)
+        got = set()
+        for _ in range(400):
+            obs, action, reward, nxt, done, _ = peer.sample(8)
+            got.update(key(obs[i].numpy(), action[i], reward[i], nxt[i].numpy(), done[i]) for i in range(8))
+        assert got == exact(per_env[0][-90:])
+        return
+    with pytest.raises(Exception) as exc:
+        F.TorchRLPrioritized(8, (2,), 1, 1)
+    assert reason.startswith(f"unavailable: {type(exc.value).__name__}: {exc.value}")
+
+
+def test_feature_peers_have_names_kinds_and_packages():
+    names = [c.name for c in F.PER + F.NSTEP] + [c.name for c in peers.PEERS]
+    assert len(set(names)) == len(names)
+    assert {c.kind for c in F.PER} == {"per"} and {c.kind for c in F.NSTEP} == {"nstep"}
+    for cls in F.PER + F.NSTEP:
+        assert cls.name.startswith("dqn_fast") or cls.package, cls.name

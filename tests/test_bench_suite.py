@@ -8,13 +8,13 @@ import pytest
 from dqn_fast.bench import peers, report, run, suite
 
 TINY = dict(capacity=400, vector_capacity=200, add_capacity=100, repeats=2, add_steps_1env=20, add_steps_8env=4,
-            calls={32: 2, 256: 1}, ours_fill=500, load_window_s=0.02)
+            calls={32: 2, 256: 1}, ours_fill=500, load_window_s=0.02, feature_capacity=300)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    only = ["dqn_fast", "SB3", "cpprb next_of+stack_compress"]
+    only = ["dqn_fast", "SB3", "cpprb next_of+stack_compress", "SB3 NStepReplayBuffer"]
     r = run(quick=True, out_dir=str(out), only=only, sizes_override=TINY)
     return r, out
 
@@ -47,6 +47,46 @@ def test_results_json_holds_every_figure_with_its_repeats(results):
             row = load[condition][batch]
             assert len(row["one_thread_repeats"]) == len(row["default_repeats"]) == TINY["repeats"]
             assert row["one_thread_per_s"] > 0 and row["default_over_one_thread"] > 0
+
+
+def test_every_peer_is_sampled_again_with_a_warm_allocator(results):
+    r, _ = results
+    warm, default = r["suite"]["peers_warm"], r["suite"]["peers"]
+    assert warm.keys() == default.keys()
+    for name in warm:
+        assert warm[name]["malloc_env"] == suite.WARM_MALLOC and default[name]["malloc_env"] == {}
+        for b in (32, 256):
+            assert warm[name]["atari"][f"sample_{b}"]["per_s"] > 0
+        assert "add_1env" not in warm[name]["atari"] and not warm[name]["vector"]
+
+
+def test_the_child_environment_sets_and_removes_the_allocator_variables(monkeypatch):
+    import os
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")  # even a parent in another state gets glibc's defaults
+    assert suite.in_child(os.getenv, "MALLOC_MMAP_THRESHOLD_", env=suite.ALLOCATOR_STATES["default"]) is None
+    assert suite.in_child(os.getenv, "MALLOC_TRIM_THRESHOLD_", env=suite.ALLOCATOR_STATES["warm"]) == "67108864"
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "4096" and "MALLOC_TRIM_THRESHOLD_" not in os.environ
+
+
+def test_prioritized_and_nstep_figures_in_both_states(results):
+    r, out = results
+    f = r["suite"]["features"]
+    for state in ("default", "warm"):
+        ours = f["ours"][state]
+        assert ours["malloc_env"] == ({} if state == "default" else suite.WARM_MALLOC)
+        for b in (32, 256):
+            row = ours[f"sample_{b}"]
+            assert len(row["per_repeats"]) == len(row["uniform_repeats"]) == TINY["repeats"]
+            assert row["per_over_uniform"] > 0 and row["nstep_over_uniform"] > 0
+        assert ours["update"]["4096"]["priorities_per_s"] > 0
+        sb3 = f["nstep"]["SB3 NStepReplayBuffer"][state]
+        assert sb3["sample_32"]["per_s"] > 0 and sb3["sample_256"]["dqn_fast_speedup"] > 0
+    one_m = r["suite"]["dqn_fast_alone"]["prioritized"]
+    assert one_m["filled"] == TINY["ours_fill"] and one_m["sample_32"]["per_over_uniform"] > 0
+    md = (out / "report.md").read_text()
+    assert "| SB3 NStepReplayBuffer |" in md and "goal >= 3x the SB3 NStepReplayBuffer at batch 256" in md
+    assert "in both allocator states" in md and "prioritized >= 80%" in md
 
 
 def test_the_busy_core_is_started_and_stopped_by_the_benchmark():

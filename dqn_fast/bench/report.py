@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
+from .report_features import allocator_lines, feature_lines
+
 ATARI_COLUMNS = [("add_1env", "add 1 env/s"), ("add_8env", "add 8 envs/s"), ("sample_32", "sample 32/s"),
                  ("sample_256", "sample 256/s")]
 VECTOR_COLUMNS = [("add_1env", "add 1 env/s"), ("sample_32", "sample 32/s"), ("sample_256", "sample 256/s")]
@@ -40,7 +42,8 @@ def format_table(r: dict) -> str:
         f"{m['cpu_count']} cores, {m.get('mem_total_gib', '?')} GiB, Python {m['python']}",
         "Medians over interleaved repeats; (Nx) = how many times faster dqn_fast was in the same window.",
         "",
-        f"Atari-shaped (84x84 uint8, stack 4), buffers of {cap:,}; sampling includes the conversion to torch tensors",
+        f"Atari-shaped (84x84 uint8, stack 4), buffers of {cap:,}; sampling includes the conversion to torch tensors "
+        "(default allocator; both states and the headline ratios: see the allocator table)",
     ]
     if r["quick"]:
         lines.insert(-1, "(--quick: buffers this small partly fit in CPU caches; quote the full run's figures)")
@@ -98,6 +101,8 @@ def format_table(r: dict) -> str:
             p = alone.get(f"sample_into_pinned_{b}")
             if p:
                 lines.append(f"  sample_into pinned, batch {b}: {p['per_s']:,.0f}/s (pageable {p['pageable_per_s']:,.0f}/s)")
+    lines += allocator_lines(r)
+    lines += feature_lines(r)
     lines += _under_load_lines(r)
     if "train" in r:
         t = r["train"]
@@ -202,7 +207,7 @@ def markdown(r: dict) -> str:
     cap = r["suite"]["sizes"]["capacity"]
 
     out = [f"Atari-shaped, buffers of {cap:,} (per second; in brackets: how many times faster dqn_fast was "
-           "in the same interleaved window)", "",
+           "in the same interleaved window; default allocator, both states in the allocator table below)", "",
            "| peer | add, 1 env | add, 8 envs | sample 32 | sample 256 | bytes / transition: RSS (arrays) | RAM at 1M |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in peers.items():
@@ -225,5 +230,7 @@ def markdown(r: dict) -> str:
         v, ours = row["vector"], name == "dqn_fast"
         out.append(f"| {'**' + name + '**' if ours else name} | "
                    + " | ".join(_cell(v.get(c), ours, gb_per_s=True) for c, _ in VECTOR_COLUMNS) + " |")
+    out += allocator_lines(r, markdown=True)
+    out += feature_lines(r, markdown=True)
     out += _under_load_lines(r, markdown=True)
     return "\n".join(out) + "\n"

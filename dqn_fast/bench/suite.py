@@ -16,6 +16,10 @@ Per peer, Atari-shaped (84x84 uint8 frames, stack 4):
   memory    RSS growth per transition after filling `capacity`, the storage
             arrays' bytes where exposed, and both projected to 1M.
 And the CartPole-sized float32 case (add 1 env, sample 32/256).
+Every peer's Atari sampling is measured again in a second child whose glibc
+allocator is warm (ALLOCATOR_STATES): peers that allocate their output per
+call page-fault it anew in the default state; the report quotes the ratio
+against each peer's better state. Prioritized and n-step replay: bench/features.py.
 This project alone: RSS at 1M transitions, sample_into a pinned tensor when
 CUDA is present, memcpy bandwidth on this machine, and sampling on one
 thread against the default threads, quiet and with one core busy
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -42,6 +47,11 @@ from .under_load import measure_under_load
 FRAME_BYTES = FRAME[0] * FRAME[1]
 OBS_SHAPE = (K, *FRAME)
 VECTOR_SHAPE = (4,)
+# The environment of each child: glibc's defaults (these variables removed), and
+# fixed high thresholds, the state a long-running trainer usually reaches (large
+# outputs are reused from the heap instead of mmapped and faulted in per call).
+WARM_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "67108864"}
+ALLOCATOR_STATES = {"default": {k: None for k in WARM_MALLOC}, "warm": WARM_MALLOC}
 
 
 def sizes(quick: bool) -> dict:
@@ -55,6 +65,7 @@ def sizes(quick: bool) -> dict:
         calls={32: 20 if quick else 40, 256: 3 if quick else 6},
         ours_fill=50_000 if quick else 1_000_000,
         load_window_s=0.25 if quick else 1.0,  # one timed round of the one-core-busy case
+        feature_capacity=5_000 if quick else 100_000,  # prioritized and n-step, filled one step per add
     )
 
 
@@ -143,12 +154,18 @@ def ratio_summary(rates: Dict[str, list], peer: str, ours: str = "ours") -> dict
 
 
 # --------------------------------------------------------------------------- one peer, in a child
-def measure_peer(name: str, s: dict) -> dict:
+def measure_peer(name: str, s: dict, sample_only: bool = False) -> dict:
+    """Every figure in the table; with sample_only (the warm-allocator child),
+    the Atari sampling rows alone (adds and CartPole-sized batches allocate
+    below glibc's mmap threshold, so the allocator state does not reach them)."""
+    import os
+
     import torch
 
     cls = P.BY_NAME[name]
     # everyone at their defaults: torch's threads for the peers, dqn_fast's own sampler threads
-    result: dict = {"exactness": cls.exactness, "torch_threads": torch.get_num_threads()}
+    result: dict = {"exactness": cls.exactness, "torch_threads": torch.get_num_threads(),
+                    "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     atari, vector = {}, {}
     result["atari"], result["vector"] = atari, vector
 
@@ -185,11 +202,12 @@ def measure_peer(name: str, s: dict) -> dict:
     extra = {}
     if cls is P.DqnFast:
         ours = peer
-        # the same stream in a buffer sampling on one thread, against single-threaded
-        # numpy and memcpy; and a plain (N, 4, 84, 84) array for the numpy gather
-        extra["one_thread"] = fill_fast(P.DqnFast, s["capacity"], "atari", seed=1, sample_threads=1)
-        extra["plain"] = plain_frames(s["capacity"], OBS_SHAPE, np.uint8)
         result["sample_threads"] = ours.buf.sample_threads
+        if not sample_only:
+            # the same stream in a buffer sampling on one thread, against single-threaded
+            # numpy and memcpy; and a plain (N, 4, 84, 84) array for the numpy gather
+            extra["one_thread"] = fill_fast(P.DqnFast, s["capacity"], "atari", seed=1, sample_threads=1)
+            extra["plain"] = plain_frames(s["capacity"], OBS_SHAPE, np.uint8)
     else:
         ours = fill_fast(P.DqnFast, s["capacity"], "atari", seed=2)
     for batch in (32, 256):
@@ -200,8 +218,9 @@ def measure_peer(name: str, s: dict) -> dict:
         else:  # this project also: the k+1 frame window (obs and next_obs are views of it)
             window = ours.buf.empty_batch(batch, window=True, torch=True)
             fns["window"] = sample_round(lambda _b, w=window, buf=ours.buf: buf.sample_into(w), batch, calls)
-            fns["one_thread"] = sample_round(extra["one_thread"].sample, batch, calls)
-            fns["numpy_take"] = sample_round(numpy_take_gather(extra["plain"], batch), batch, calls)
+            if extra:
+                fns["one_thread"] = sample_round(extra["one_thread"].sample, batch, calls)
+                fns["numpy_take"] = sample_round(numpy_take_gather(extra["plain"], batch), batch, calls)
         rates = interleaved(fns, s["repeats"])
         row = ratio_summary(rates, "peer" if "peer" in rates else "ours")
         row["out_gb_per_s"] = row["per_s"] * batch * frames * FRAME_BYTES / 1e9
@@ -216,6 +235,8 @@ def measure_peer(name: str, s: dict) -> dict:
     gc.collect()
 
     phase("sample")
+    if sample_only:
+        return result
     # add at steady state: small rings already wrapped once
     for n, steps in ((1, s["add_steps_1env"]), (8, s["add_steps_8env"])):
         if cls.supports(n):
@@ -286,10 +307,14 @@ def measure_ours(s: dict) -> dict:
     else:
         out["sample_into_pinned"] = "needs CUDA (pinned memory); see benchmarks/results/gpu_h200.json"
 
-    # RSS at `ours_fill` transitions (1M in the full run): episodes of 100-2,000 steps
+    # RSS at `ours_fill` transitions (1M in the full run): episodes of 100-2,000 steps,
+    # one step per add, the same stream as the prioritized buffer beside it
+    from .features import fill_steps, measure_1m
+
     gc.collect()
     before = rss_bytes()
-    peer = fill_fast(P.DqnFast, s["ours_fill"], "atari", seed=4)
+    peer = make(P.DqnFast, s["ours_fill"], "atari", 1, seed=4)
+    fill_steps([peer], s["ours_fill"], seed=4)
     grown = rss_bytes() - before
     out["memory"] = {
         "filled": s["ours_fill"],
@@ -299,6 +324,7 @@ def measure_ours(s: dict) -> dict:
         "nbytes_per_transition": peer.buf.nbytes / s["ours_fill"],
         "frame_bytes": FRAME_BYTES,
     }
+    out["prioritized"] = measure_1m({**s, "ours_fill_seed": 4}, peer)
     return out
 
 
@@ -310,19 +336,35 @@ def _child(fn, *args) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
-def in_child(fn, *args) -> dict:
-    """Runs fn(*args) in a fresh process, so its memory is its own and is freed after."""
+def in_child(fn, *args, env: Optional[dict] = None) -> dict:
+    """Runs fn(*args) in a fresh process, so its memory is its own and is freed
+    after; `env` sets (None: removes) variables of its environment, which glibc
+    reads when the process starts."""
     ctx = multiprocessing.get_context("spawn")
+    saved = {k: os.environ.get(k) for k in env or {}}
     try:
+        for k, v in (env or {}).items():
+            _setenv(k, v)
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
             return pool.submit(_child, fn, *args).result()
     except BrokenProcessPool:
         return {"error": "the child process died (out of memory?)"}
+    finally:
+        for k, v in saved.items():
+            _setenv(k, v)
+
+
+def _setenv(key: str, value: Optional[str]) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 def run_suite(quick: bool, only: Optional[list] = None, log=print, sizes_override: Optional[dict] = None,
-              alone: bool = True) -> dict:
-    """Every peer (or those named in `only`), then this project alone."""
+              alone: bool = True, features: bool = True) -> dict:
+    """Every peer (or those named in `only`) in both allocator states, the
+    prioritized and n-step comparison, then this project alone."""
     s = {**sizes(quick), **(sizes_override or {})}
     results: dict = {"sizes": {k: ({str(b): c for b, c in v.items()} if k == "calls" else v) for k, v in s.items()},
                      "peers": {}}
@@ -335,19 +377,32 @@ def run_suite(quick: bool, only: Optional[list] = None, log=print, sizes_overrid
             log(f"  {cls.name}: {missing}")
             continue
         start = time.time()
-        results["peers"][cls.name] = in_child(measure_peer, cls.name, s)
+        results["peers"][cls.name] = in_child(measure_peer, cls.name, s, env=ALLOCATOR_STATES["default"])
         err = results["peers"][cls.name].get("error")
         phases = ", ".join(f"{k} {v:.0f}" for k, v in results["peers"][cls.name].get("phase_seconds", {}).items())
         log(f"  {cls.name}: {'ERROR ' + err if err else 'done'} ({time.time() - start:.0f} s: {phases})")
+    # the Atari sampling again, each peer in a child with a warm allocator
+    results["peers_warm"] = {}
+    for cls in P.COMPARED:
+        if cls.name not in results["peers"] or "missing" in results["peers"][cls.name]:
+            continue
+        start = time.time()
+        r = results["peers_warm"][cls.name] = in_child(measure_peer, cls.name, s, True, env=ALLOCATOR_STATES["warm"])
+        log(f"  {cls.name} [warm allocator]: {'ERROR ' + r['error'] if 'error' in r else 'done'} "
+            f"({time.time() - start:.0f} s)")
+    if features:
+        from .features import run_features
+
+        results["features"] = run_features(s, in_child, ALLOCATOR_STATES, log=log, only=only)
     if not alone:
         return results
     start = time.time()
-    results["dqn_fast_alone"] = in_child(measure_ours, s)
+    results["dqn_fast_alone"] = in_child(measure_ours, s, env=ALLOCATOR_STATES["default"])
     err = results["dqn_fast_alone"].get("error")
     log(f"  dqn_fast alone (memcpy, {s['ours_fill']:,}-transition fill): {'ERROR ' + err if err else 'done'} "
         f"({time.time() - start:.0f} s)")
     start = time.time()
-    results["under_load"] = in_child(measure_under_load, s)
+    results["under_load"] = in_child(measure_under_load, s, env=ALLOCATOR_STATES["default"])
     err = results["under_load"].get("error")
     log(f"  dqn_fast sampling quiet and with one core busy: {'ERROR ' + err if err else 'done'} "
         f"({time.time() - start:.0f} s)")
