@@ -221,9 +221,10 @@ void ReplayBuffer::add(const AddArgs& a) {
     index_.evict_for(uint64_t(ne));
     index_.evict_frames_before(store_.next_seq() + n_new - frame_cap);
     if (config_.prioritized) {
-        // Evicted leaves go to 0, except the slots this add writes (set below).
-        const int64_t rewritten = head + ne - int64_t(config_.capacity);
-        for (int64_t id = old_tail; id < std::min(index_.tail(), rewritten); ++id) tree_.set(index_.slot_of(id), 0.0);
+        // Evicted leaves go to 0, except the slots this add writes (ids below
+        // `reused` share their slot with one of the new transitions: set below).
+        const int64_t reused = head + ne - int64_t(config_.capacity);
+        for (int64_t id = std::max(old_tail, reused); id < index_.tail(); ++id) tree_.set(index_.slot_of(id), 0.0);
     }
     const double new_mass = config_.prioritized ? mass(max_priority_) : 0.0;
 

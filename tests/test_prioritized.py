@@ -533,3 +533,27 @@ def row_mismatch(fields: dict, row: int, want: tuple):
         if not np.array_equal(got, value):
             return f"{name}: expected {value!r}, got {got!r}"
     return None
+
+
+@pytest.mark.parametrize("num_envs", [1, 3])
+def test_transitions_evicted_early_by_the_frame_reserve_leave_the_tree(num_envs, tmp_path):
+    # Episodes of 1-2 steps with frame_reserve=0 exhaust the frame store, so
+    # adds evict transitions whose slots they do not overwrite: those leaves
+    # must go to 0, or a draw could return an id that is not stored.
+    cfg = StreamConfig(num_envs=num_envs, frame_stack=3, frame_shape=(2, 3), min_len=1, max_len=2)
+    buf = ReplayBuffer(240, (3, 2, 3), np.uint8, frame_stack=3, num_envs=num_envs, seed=3, prioritized=True,
+                       frame_reserve=0.0)
+    streams, rng = EpisodeStreams(cfg, 9), np.random.default_rng(2)
+    short = 0  # adds after which fewer than capacity were stored although more were added
+    for _ in range(600 // num_envs):
+        buf.add(*streams.step())
+        live = np.arange(buf.total_adds - len(buf), buf.total_adds)
+        assert math.fsum(buf.probabilities(live).tolist()) == pytest.approx(1.0, abs=1e-12)
+        batch = buf.sample(16)
+        assert set(batch.ids.tolist()) <= set(live.tolist())
+        buf.update_priorities(batch.ids, rng.uniform(0, 3, 16))
+        short += buf.capacity < buf.total_adds and len(buf) < buf.capacity
+    assert short > 100, "the reserve was meant to run out"
+    buf.save(tmp_path / "b.dqnf")  # the loader checks that only stored slots have mass
+    loaded = ReplayBuffer.load(tmp_path / "b.dqnf")
+    np.testing.assert_array_equal(loaded.probabilities(live), buf.probabilities(live))
