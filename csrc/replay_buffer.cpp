@@ -283,6 +283,10 @@ bool ReplayBuffer::prepare(int64_t batch_size, const SampleOut& out) {
         pool_pid_ = long(getpid());
     }
     if (config_.n_step > 1 && windows_.size() < uint64_t(batch_size)) windows_.resize(uint64_t(batch_size));
+    if (config_.prioritized && draws_.size() < uint64_t(batch_size)) {
+        draws_.resize(uint64_t(batch_size));
+        leaves_.resize(uint64_t(batch_size));
+    }
     return parallel;
 }
 
@@ -298,9 +302,10 @@ void ReplayBuffer::sample(int64_t batch_size, double beta, const SampleOut& out)
         const double total = tree_.total(), below_total = std::nextafter(total, 0.0);
         for (int64_t i = 0; i < batch_size; ++i) {
             const double u01 = double(rng_.next() >> 11) * 0x1.0p-53;
-            const double u = std::min((double(i) + u01) * total / double(batch_size), below_total);
-            out.ids[i] = id_of_slot_for(tree_.find(u), index_.tail());
+            draws_[i] = std::min((double(i) + u01) * total / double(batch_size), below_total);
         }
+        tree_.find_many(draws_.data(), leaves_.data(), batch_size);
+        for (int64_t i = 0; i < batch_size; ++i) out.ids[i] = id_of_slot_for(leaves_[i], index_.tail());
     }
     fill(batch_size, beta, out, parallel, saved);
 }

@@ -191,6 +191,8 @@ private:
     SumTree tree_;                  // prioritized only
     double max_priority_ = 1.0;     // the largest p ever set (new transitions get it)
     std::vector<uint8_t> windows_;  // per item of the batch being sampled: its window length
+    std::vector<double> draws_;     // prioritized: per item, its point in [0, total mass)
+    std::vector<uint64_t> leaves_;  // ... and the leaf it falls in
     std::unique_ptr<WorkerPool> pool_;
     long pool_pid_ = 0;  // the process that started pool_ (a forked child must not use it)
     GatherTuner tuner_;

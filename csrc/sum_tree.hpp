@@ -73,6 +73,31 @@ public:
         return node - n_;
     }
 
+    // find() for many u at once, level by level: the descents are
+    // independent, so their cache misses overlap instead of queueing one
+    // behind another (a 1M-leaf tree is 32 MB, far from the caches). Same
+    // arithmetic per u as find(): the same leaves. u is used as scratch.
+    void find_many(double* u, uint64_t* leaf, int64_t count) const {
+        for (int64_t i = 0; i < count; ++i) leaf[i] = 1;
+        for (bool deeper = n_ > 1; deeper;) {
+            deeper = false;
+            for (int64_t i = 0; i < count; ++i) {
+                uint64_t node = leaf[i];
+                if (node >= n_) continue;
+                const uint64_t left = 2 * node;
+                if (u[i] < sum_[left] || !(sum_[left + 1] > 0)) {
+                    node = left;
+                } else {
+                    u[i] -= sum_[left];
+                    node = left + 1;
+                }
+                leaf[i] = node;
+                deeper |= node < n_;
+            }
+        }
+        for (int64_t i = 0; i < count; ++i) leaf[i] -= n_;
+    }
+
     // Raw leaves (persistence) and a rebuild of every internal node from them.
     double* leaf_data() { return sum_.data() + n_; }
     void rebuild() {

@@ -86,3 +86,17 @@ def test_bad_masses_and_indices_are_rejected(mass):
     with pytest.raises(IndexError):
         tree.set(np.array([4]), np.array([1.0]))
     assert tree.total == 0.0
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 64, 1000, 100_003])
+def test_find_many_descends_exactly_as_find(n):
+    # The sampler descends a whole batch level by level; every u must land where find() lands.
+    rng = np.random.default_rng(n)
+    tree = _core.SumTree(n)
+    mass = 10.0 ** rng.uniform(-6, 2, n)
+    mass[rng.random(n) < 0.3] = 0.0
+    mass[0] = 1.0
+    tree.set(np.arange(n), mass)
+    u = np.sort(rng.uniform(0, tree.total, 2000))
+    u[-1] = math.nextafter(tree.total, 0)
+    np.testing.assert_array_equal(tree.find_many(u), [tree.find(x) for x in u.tolist()])
