@@ -105,22 +105,27 @@ ATARI = dict(
     eval_epsilon=0.05,
 )
 
-# CartPole-v1: tuned to solve (mean eval return >= 195) within 50k steps. Final
-# policies after 50k steps, 20 greedy eval episodes: 500, 214 and 500 on seeds
-# 1-3 (2026-11-27); batch 64 with MSE gave 150 on seed 1.
+# CartPole-v1: n-step 3 + prioritized replay, tuned (2026-12-03, 2-core x86_64,
+# shared) so that every seed reaches an evaluation mean >= 475 within 100k env
+# steps and 60 s: seeds 1-3 did at 32.5k, 40k and 42.5k steps (26-30 s). The same
+# recipe with uniform one-step replay: see the README's learning curves.
 RECIPES = {
     "CartPole-v1": dict(
-        total_steps=50_000,
+        total_steps=60_000,  # also where beta reaches 1
         num_envs=1,
         buffer_size=50_000,
         batch_size=128,
         learning_starts=1_000,
         train_freq=1,
+        n_step=3,
+        prioritized=True,
+        alpha=0.6,
+        beta0=0.4,
         lr=1e-3,
         loss="huber",
         double_dqn=True,
         target_update_interval=1,
-        tau=0.005,
+        tau=0.01,
         eps_end=0.05,
         exploration_fraction=0.2,
         log_interval=5_000,
