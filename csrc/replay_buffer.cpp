@@ -539,6 +539,15 @@ void ReplayBuffer::restore(const BufferState& s) {
                     "transition " + std::to_string(id) + " is marked as a shift but its frames are not");
         }
     }
+    // An open stream says its env's newest transition did not end the episode:
+    // the next add continues it (kFollows), so that transition must not end it.
+    for (int e = 0; e < config_.num_envs; ++e) {
+        const int64_t newest = s.head - config_.num_envs + e;
+        if (s.streams[size_t(e)].open && newest >= s.tail)
+            require(!(flags_[index_.slot_of(newest)] & (kTerminated | kTruncated)),
+                    "env " + std::to_string(e) + "'s stream is open but its newest transition " +
+                        std::to_string(newest) + " ended the episode");
+    }
     // xoshiro's all-zero state is a fixed point: sampling would never return.
     require(s.rng[0] | s.rng[1] | s.rng[2] | s.rng[3], "the PRNG state is all zeros");
     if (config_.prioritized) {

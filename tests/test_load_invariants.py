@@ -157,6 +157,13 @@ def follows_an_ended_episode(f):
     f.flags[f.row(tid)] |= 8
 
 
+def open_stream_after_an_episode_end(f):
+    # The env's newest transition terminates, yet its stream says open: the
+    # next add would continue (and n-step windows cross) the ended episode.
+    e = f.open_env(lambda e: f.state["head"] - f.ne + e in f.ids())
+    f.flags[f.row(f.state["head"] - f.ne + e)] |= 1
+
+
 def with_layout_dtype(field, array, value):
     # A dtype string the layout list agrees with, so only the dtype check can fire.
     def fn(f):
@@ -224,6 +231,7 @@ CASES = [
     # flags and PRNG
     ("unknown flag bit 16", edit_row("flags", "oldest", lambda v: v | 16), "unknown flags"),
     ("follows flag after an episode end", follows_an_ended_episode, "continues an episode that ended"),
+    ("open stream after an episode end", open_stream_after_an_episode_end, "stream is open but its newest transition"),
     ("unknown flag bit 0x80", edit_row("flags", "newest", lambda v: v | 0x80), "unknown flags"),
     ("shift flag on a non-shift", shift_flag_on_a_jump, "marked as a shift but its frames are not"),
     ("PRNG all zeros", set_state("rng", [0, 0, 0, 0]), "PRNG state is all zeros"),
