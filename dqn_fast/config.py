@@ -107,8 +107,9 @@ ATARI = dict(
 
 # CartPole-v1: n-step 3 + prioritized replay, tuned (2026-12-03, 2-core x86_64,
 # shared) so that every seed reaches an evaluation mean >= 475 within 100k env
-# steps and 60 s: seeds 1-3 did at 32.5k, 40k and 42.5k steps (26-30 s). The same
-# recipe with uniform one-step replay: see the README's learning curves.
+# steps and 60 s: seeds 1-3 did at 32.5k, 40k and 42.5k steps, in 26-30 s at
+# 1,200-1,400 env steps/s, and in 45-55 s in the README's learning-curves run
+# (a busier machine). The same recipe with uniform one-step replay: see there.
 RECIPES = {
     "CartPole-v1": dict(
         total_steps=60_000,  # also where beta reaches 1
