@@ -8,7 +8,7 @@ import pytest
 from dqn_fast.bench import peers, report, run, suite
 
 TINY = dict(capacity=400, vector_capacity=200, add_capacity=100, repeats=2, add_steps_1env=20, add_steps_8env=4,
-            calls={32: 2, 256: 1}, ours_fill=500, load_window_s=0.02, feature_capacity=300)
+            calls={32: 2, 256: 1}, round_s=0.0, ours_fill=500, load_window_s=0.02, feature_capacity=300)
 
 
 @pytest.fixture(scope="module")

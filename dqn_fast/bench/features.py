@@ -52,17 +52,22 @@ def priority_pool(batch: int, seed: int, as_torch: bool) -> list:
     return pool
 
 
-def per_round(peer, batch: int, calls: int, seed: int) -> Callable[[], float]:
-    """sample(B) then update(priorities of that batch), `calls` times."""
+def per_round(peer, batch: int, calls: int, seed: int, min_s: float = 0.0) -> Callable[[], float]:
+    """sample(B) then update(priorities of that batch), in blocks of `calls`
+    until at least `min_s` seconds have passed (see suite.sample_round)."""
     pool = priority_pool(batch, seed, as_torch=isinstance(peer, F.DqnFastPrioritized))
 
     def run() -> float:
         sample, update = peer.sample, peer.update
-        start = time.perf_counter()
-        for i in range(calls):
-            sample(batch)
-            update(pool[i % POOL])
-        return calls / (time.perf_counter() - start)
+        n, start = 0, time.perf_counter()
+        while True:
+            for i in range(n, n + calls):
+                sample(batch)
+                update(pool[i % POOL])
+            n += calls
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_s:
+                return n / elapsed
 
     return run
 
@@ -92,9 +97,9 @@ def measure_ours_features(s: dict) -> dict:
     out: dict = {"capacity": cap}
     for batch in BATCHES:
         calls = s["calls"][batch]
-        fns = {"uniform": sample_round(bufs["uniform"].sample, batch, calls),
-               "per": per_round(bufs["per"], batch, calls, seed=batch),
-               "nstep": sample_round(bufs["nstep"].sample, batch, calls)}
+        fns = {"uniform": sample_round(bufs["uniform"].sample, batch, calls, s["round_s"]),
+               "per": per_round(bufs["per"], batch, calls, seed=batch, min_s=s["round_s"]),
+               "nstep": sample_round(bufs["nstep"].sample, batch, calls, s["round_s"])}
         rates = interleaved(fns, s["repeats"])
         out[f"sample_{batch}"] = {
             **{f"{k}_per_s": median(v) for k, v in rates.items()}, **{f"{k}_repeats": v for k, v in rates.items()},
@@ -116,10 +121,14 @@ def update_throughput(buf, s: dict) -> dict:
         calls = max(1, s["calls"][256] * 4 * 256 // size)
 
         def run(ids=ids, pri=pri, calls=calls, size=size) -> float:
-            start = time.perf_counter()
-            for i in range(calls):
-                buf.update_priorities(ids[i % 4], pri[i % 4])
-            return calls * size / (time.perf_counter() - start)
+            n, start = 0, time.perf_counter()
+            while True:
+                for i in range(calls):
+                    buf.update_priorities(ids[i % 4], pri[i % 4])
+                n += calls
+                elapsed = time.perf_counter() - start
+                if elapsed >= s["round_s"]:
+                    return n * size / elapsed
 
         rates = interleaved({"update": run}, s["repeats"])["update"]
         out[str(size)] = {"priorities_per_s": median(rates), "repeats": rates}
@@ -149,13 +158,13 @@ def measure_feature_peer(name: str, s: dict) -> dict:
     for batch in BATCHES:
         calls = s["calls"][batch]
         if cls.kind == "per":
-            fns = {"peer": per_round(peer, batch, calls, seed=batch)}
+            fns = {"peer": per_round(peer, batch, calls, seed=batch, min_s=s["round_s"])}
             if ours is not None:
-                fns["ours"] = per_round(ours, batch, calls, seed=batch)
+                fns["ours"] = per_round(ours, batch, calls, seed=batch, min_s=s["round_s"])
         else:
-            fns = {"peer": sample_round(peer.sample, batch, calls)}
+            fns = {"peer": sample_round(peer.sample, batch, calls, s["round_s"])}
             if ours is not None:
-                fns["ours"] = sample_round(ours.sample, batch, calls)
+                fns["ours"] = sample_round(ours.sample, batch, calls, s["round_s"])
         rates = interleaved(fns, s["repeats"])
         result[f"sample_{batch}"] = (_summary(rates, "peer", "ours") if ours is not None
                                      else {"per_s": median(rates["peer"]), "repeats": rates["peer"]})
@@ -182,8 +191,8 @@ def measure_1m(s: dict, fill_uniform) -> dict:
     out: dict = {"filled": n, "rss_growth_gb": (rss_bytes() - before) / 1e9}
     for batch in BATCHES:
         calls = s["calls"][batch]
-        rates = interleaved({"uniform": sample_round(fill_uniform.sample, batch, calls),
-                             "per": per_round(per, batch, calls, seed=batch)}, s["repeats"])
+        rates = interleaved({"uniform": sample_round(fill_uniform.sample, batch, calls, s["round_s"]),
+                             "per": per_round(per, batch, calls, seed=batch, min_s=s["round_s"])}, s["repeats"])
         out[f"sample_{batch}"] = {"uniform_per_s": median(rates["uniform"]), "per_per_s": median(rates["per"]),
                                   "uniform_repeats": rates["uniform"], "per_repeats": rates["per"],
                                   "per_over_uniform": median([p / u for p, u in zip(rates["per"], rates["uniform"])])}

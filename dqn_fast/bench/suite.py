@@ -62,7 +62,8 @@ def sizes(quick: bool) -> dict:
         repeats=3 if quick else 7,
         add_steps_1env=200 if quick else 400,
         add_steps_8env=25 if quick else 50,
-        calls={32: 20 if quick else 40, 256: 3 if quick else 6},
+        calls={32: 20 if quick else 40, 256: 3 if quick else 6},  # per block; blocks repeat for round_s
+        round_s=0.02 if quick else 0.1,  # the shortest timed sampling round
         ours_fill=50_000 if quick else 1_000_000,
         load_window_s=0.25 if quick else 1.0,  # one timed round of the one-core-busy case
         feature_capacity=5_000 if quick else 100_000,  # prioritized and n-step, filled one step per add
@@ -110,12 +111,21 @@ def add_round(peer: P.Peer, envs, n_steps: int) -> Callable[[], float]:
     return run
 
 
-def sample_round(sample: Callable[[int], object], batch: int, calls: int) -> Callable[[], float]:
+def sample_round(sample: Callable[[int], object], batch: int, calls: int, min_s: float = 0.0) -> Callable[[], float]:
+    """One timed round: blocks of `calls` calls until at least `min_s` seconds
+    have passed. A round of a few milliseconds measures the start, not the
+    steady state a trainer sees: the sampler's threads waking, and whatever the
+    round before left behind (a torch peer's OpenMP threads still spinning)."""
+
     def run() -> float:
-        start = time.perf_counter()
-        for _ in range(calls):
-            sample(batch)
-        return calls / (time.perf_counter() - start)
+        n, start = 0, time.perf_counter()
+        while True:
+            for _ in range(calls):
+                sample(batch)
+            n += calls
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_s:
+                return n / elapsed
 
     return run
 
@@ -212,15 +222,15 @@ def measure_peer(name: str, s: dict, sample_only: bool = False) -> dict:
         ours = fill_fast(P.DqnFast, s["capacity"], "atari", seed=2)
     for batch in (32, 256):
         calls = s["calls"][batch]
-        fns = {"ours": sample_round(ours.sample, batch, calls)}
+        fns = {"ours": sample_round(ours.sample, batch, calls, s["round_s"])}
         if cls is not P.DqnFast:
-            fns["peer"] = sample_round(peer.sample, batch, calls)
+            fns["peer"] = sample_round(peer.sample, batch, calls, s["round_s"])
         else:  # this project also: the k+1 frame window (obs and next_obs are views of it)
             window = ours.buf.empty_batch(batch, window=True, torch=True)
-            fns["window"] = sample_round(lambda _b, w=window, buf=ours.buf: buf.sample_into(w), batch, calls)
+            fns["window"] = sample_round(lambda _b, w=window, buf=ours.buf: buf.sample_into(w), batch, calls, s["round_s"])
             if extra:
-                fns["one_thread"] = sample_round(extra["one_thread"].sample, batch, calls)
-                fns["numpy_take"] = sample_round(numpy_take_gather(extra["plain"], batch), batch, calls)
+                fns["one_thread"] = sample_round(extra["one_thread"].sample, batch, calls, s["round_s"])
+                fns["numpy_take"] = sample_round(numpy_take_gather(extra["plain"], batch), batch, calls, s["round_s"])
         rates = interleaved(fns, s["repeats"])
         row = ratio_summary(rates, "peer" if "peer" in rates else "ours")
         row["out_gb_per_s"] = row["per_s"] * batch * frames * FRAME_BYTES / 1e9
@@ -251,9 +261,9 @@ def measure_peer(name: str, s: dict, sample_only: bool = False) -> dict:
     v_peer = fill_fast(cls, s["vector_capacity"], "vector", seed=1)
     v_ours = v_peer if cls is P.DqnFast else fill_fast(P.DqnFast, s["vector_capacity"], "vector", seed=2)
     for batch in (32, 256):
-        fns = {"ours": sample_round(v_ours.sample, batch, 4 * s["calls"][batch])}
+        fns = {"ours": sample_round(v_ours.sample, batch, 4 * s["calls"][batch], s["round_s"])}
         if cls is not P.DqnFast:
-            fns["peer"] = sample_round(v_peer.sample, batch, 4 * s["calls"][batch])
+            fns["peer"] = sample_round(v_peer.sample, batch, 4 * s["calls"][batch], s["round_s"])
         rates = interleaved(fns, s["repeats"])
         vector[f"sample_{batch}"] = ratio_summary(rates, "peer" if "peer" in rates else "ours")
     v_peer.close()
@@ -298,8 +308,8 @@ def measure_ours(s: dict) -> dict:
         pinned = {b: buf.empty_batch(b, window=True, torch=True, pin_memory=True) for b in (32, 256)}
         plain = {b: buf.empty_batch(b, window=True, torch=True) for b in (32, 256)}
         for b in (32, 256):
-            rates = interleaved({"pinned": sample_round(lambda _b, o=pinned[b]: buf.sample_into(o), b, s["calls"][b]),
-                                 "pageable": sample_round(lambda _b, o=plain[b]: buf.sample_into(o), b, s["calls"][b])},
+            rates = interleaved({"pinned": sample_round(lambda _b, o=pinned[b]: buf.sample_into(o), b, s["calls"][b], s["round_s"]),
+                                 "pageable": sample_round(lambda _b, o=plain[b]: buf.sample_into(o), b, s["calls"][b], s["round_s"])},
                                 s["repeats"])
             out[f"sample_into_pinned_{b}"] = {"per_s": median(rates["pinned"]), "pageable_per_s": median(rates["pageable"]),
                                               "repeats": rates["pinned"]}
