@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -302,7 +303,8 @@ void ReplayBuffer::sample(int64_t batch_size, double beta, const SampleOut& out)
         const double total = tree_.total(), below_total = std::nextafter(total, 0.0);
         for (int64_t i = 0; i < batch_size; ++i) {
             const double u01 = double(rng_.next() >> 11) * 0x1.0p-53;
-            draws_[i] = std::min((double(i) + u01) * total / double(batch_size), below_total);
+            // total * (fraction): total * (i + u) could overflow for masses near kMaxMass
+            draws_[i] = std::min(total * ((double(i) + u01) / double(batch_size)), below_total);
         }
         tree_.find_many(draws_.data(), leaves_.data(), batch_size);
         for (int64_t i = 0; i < batch_size; ++i) out.ids[i] = id_of_slot_for(leaves_[i], index_.tail());
@@ -326,8 +328,9 @@ void ReplayBuffer::get(int64_t batch_size, const int64_t* ids, double beta, cons
     if (batch_size >= 1 && index_.size() == 0)
         throw std::invalid_argument("transition id " + std::to_string(ids[0]) + " is not stored: the buffer is empty");
     const bool parallel = prepare(batch_size, out);
-    check_ids(ids, batch_size);
+    // Copied first, then checked: the caller's array is not ours to trust twice.
     std::copy(ids, ids + batch_size, out.ids);
+    check_ids(out.ids, batch_size);
     fill(batch_size, beta, out, parallel, rng_);
 }
 
@@ -518,6 +521,15 @@ std::vector<RawArray> ReplayBuffer::arrays(int64_t next_seq, int64_t head) {
     return out;
 }
 
+// Whether two lists of k frame slots hold the same frames: the same slots, or
+// equal bytes (a stream the frame reserve made the buffer store anew).
+bool ReplayBuffer::same_frames(const uint32_t* a, const uint32_t* b) const {
+    const uint64_t fb = store_.frame_bytes();
+    for (int j = 0; j < k_; ++j)
+        if (a[j] != b[j] && std::memcmp(store_.slot(a[j]), store_.slot(b[j]), fb) != 0) return false;
+    return true;
+}
+
 void ReplayBuffer::restore(const BufferState& s) {
     std::lock_guard<std::mutex> lock(mutex_);
     require(index_.head() == 0 && store_.next_seq() == 0, "restore needs a buffer that has never been added to");
@@ -526,27 +538,41 @@ void ReplayBuffer::restore(const BufferState& s) {
         const uint64_t slot = index_.slot_of(id);
         const uint8_t flags = flags_[slot];
         require(flags < 16, "transition " + std::to_string(id) + " has unknown flags");
-        // kFollows: the previous transition of its env left the stream open.
+        // kFollows: the previous transition of its env left the stream open,
+        // and this obs is its next_obs (n-step windows join the two).
         const int64_t prev = id - config_.num_envs;
-        if ((flags & kFollows) && prev >= s.tail)
-            require(!(flags_[index_.slot_of(prev)] & (kTerminated | kTruncated)),
+        const uint32_t* f = index_.frames_of(slot);
+        if ((flags & kFollows) && prev >= s.tail) {
+            const uint64_t prev_slot = index_.slot_of(prev);
+            require(!(flags_[prev_slot] & (kTerminated | kTruncated)),
                     "transition " + std::to_string(id) + " continues an episode that ended at transition " +
                         std::to_string(prev));
+            require(same_frames(f, index_.frames_of(prev_slot) + k_),
+                    "transition " + std::to_string(id) + " is marked as following transition " + std::to_string(prev) +
+                        " but its obs is not that transition's next_obs");
+        }
         // A shift transition's next_obs reuses obs frames 1..k-1 (window mode relies on it).
-        const uint32_t* f = index_.frames_of(slot);
         if (flags & kShift) {
             require(std::equal(f + 1, f + k_, f + k_),
                     "transition " + std::to_string(id) + " is marked as a shift but its frames are not");
         }
     }
-    // An open stream says its env's newest transition did not end the episode:
-    // the next add continues it (kFollows), so that transition must not end it.
+    // An open stream is its env's newest transition's next_obs, and that
+    // transition did not end the episode: the next add may continue it (kFollows).
+    const uint64_t fcap = store_.capacity();
     for (int e = 0; e < config_.num_envs; ++e) {
         const int64_t newest = s.head - config_.num_envs + e;
-        if (s.streams[size_t(e)].open && newest >= s.tail)
-            require(!(flags_[index_.slot_of(newest)] & (kTerminated | kTruncated)),
-                    "env " + std::to_string(e) + "'s stream is open but its newest transition " +
-                        std::to_string(newest) + " ended the episode");
+        const EnvStream& stream = s.streams[size_t(e)];
+        if (!stream.open || newest < s.tail) continue;
+        const uint64_t slot = index_.slot_of(newest);
+        require(!(flags_[slot] & (kTerminated | kTruncated)),
+                "env " + std::to_string(e) + "'s stream is open but its newest transition " + std::to_string(newest) +
+                    " ended the episode");
+        const uint32_t* next = index_.frames_of(slot) + k_;
+        for (int j = 0; j < k_; ++j)
+            require(uint64_t(stream.seqs[size_t(j)]) % fcap == next[j],
+                    "env " + std::to_string(e) + "'s open stream is not its newest transition " +
+                        std::to_string(newest) + "'s next_obs");
     }
     // xoshiro's all-zero state is a fixed point: sampling would never return.
     require(s.rng[0] | s.rng[1] | s.rng[2] | s.rng[3], "the PRNG state is all zeros");

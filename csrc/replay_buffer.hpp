@@ -175,6 +175,7 @@ private:
     // (so a stored transition can always be drawn).
     double mass(double p) const { return std::max(std::pow(p + config_.priority_eps, config_.alpha), kMinMass); }
     int64_t id_of_slot_for(uint64_t slot, int64_t tail) const;
+    bool same_frames(const uint32_t* a, const uint32_t* b) const;
     void publish_counters();
 
     BufferConfig config_;

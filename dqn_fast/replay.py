@@ -434,7 +434,9 @@ class ReplayBuffer(_core.ReplayBufferCore):
         ``ValueError`` naming the first id that is not stored.
         """
         ids = _ids(ids)
-        return self.get_into(ids, self.empty_batch(max(1, len(ids)), window), beta)
+        if len(ids) == 0:
+            raise ValueError("ids is empty: get needs at least one transition id")
+        return self.get_into(ids, self.empty_batch(len(ids), window), beta)
 
     def get_into(self, ids, out: Batch, beta: float = 0.4) -> Batch:
         """``get`` into a preallocated batch of ``len(ids)``."""
@@ -492,6 +494,8 @@ def _ids(ids):
     if ids is None or isinstance(ids, (str, bytes, float, bool)):
         raise TypeError(f"ids must be an integer array, got {type(ids).__name__}")
     a = np.asarray(ids) if not isinstance(ids, np.ndarray) else ids
+    if a.size == 0 and not isinstance(ids, np.ndarray):
+        a = a.astype(np.int64)  # [] is float64 to numpy, but holds no ids of the wrong type
     if a.dtype.kind not in "iu":
         raise TypeError(f"ids must be an integer array, got dtype {a.dtype}")
     if a.ndim != 1:

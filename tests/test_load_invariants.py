@@ -164,6 +164,30 @@ def open_stream_after_an_episode_end(f):
     f.flags[f.row(f.state["head"] - f.ne + e)] |= 1
 
 
+def open_stream_not_the_newest_next_obs(f):
+    # Seqs that pass every ordering check (all the newest transition's oldest
+    # frame) but are not its next_obs: the next add would join other frames.
+    e = f.open_env(lambda e: f.state["head"] - f.ne + e in f.ids())
+    f.stream_seqs[e, :] = f.last_oldest(e)
+
+
+def follows_flag_across_a_jump(f):
+    # An episode end erased and the next episode's first transition marked as
+    # following it: its obs (a reset) is not the predecessor's next_obs (the
+    # final obs), so an n-step window would join unrelated frames.
+    frames = np.frombuffer(f.arrays["frames"], np.uint8).reshape(-1, *CFG.frame_shape)
+    k = f.k
+
+    def after_an_end(i):
+        prev = f.row(i - f.ne)
+        return (i - f.ne in f.ids() and f.flags[prev] & 3 and not f.flags[f.row(i)] & 8
+                and (frames[f.slots[f.row(i), :k]] != frames[f.slots[prev, k:]]).any())
+
+    i = next(i for i in f.ids() if after_an_end(i))
+    f.flags[f.row(i - f.ne)] &= ~np.uint8(3)
+    f.flags[f.row(i)] |= 8
+
+
 def with_layout_dtype(field, array, value):
     # A dtype string the layout list agrees with, so only the dtype check can fire.
     def fn(f):
@@ -232,6 +256,8 @@ CASES = [
     ("unknown flag bit 16", edit_row("flags", "oldest", lambda v: v | 16), "unknown flags"),
     ("follows flag after an episode end", follows_an_ended_episode, "continues an episode that ended"),
     ("open stream after an episode end", open_stream_after_an_episode_end, "stream is open but its newest transition"),
+    ("open stream not the newest next_obs", open_stream_not_the_newest_next_obs, "open stream is not its newest"),
+    ("follows flag across an erased episode end", follows_flag_across_a_jump, "but its obs is not that transition's next_obs"),
     ("unknown flag bit 0x80", edit_row("flags", "newest", lambda v: v | 0x80), "unknown flags"),
     ("shift flag on a non-shift", shift_flag_on_a_jump, "marked as a shift but its frames are not"),
     ("PRNG all zeros", set_state("rng", [0, 0, 0, 0]), "PRNG state is all zeros"),

@@ -275,6 +275,9 @@ def test_get_checks_its_arguments():
             buf.get(bad)
     with pytest.raises(ValueError, match="ids"):
         buf.get(np.array([[1, 2]]))  # 2-D
+    for empty in ([], np.array([], np.int64)):
+        with pytest.raises(ValueError, match="ids is empty"):
+            buf.get(empty)
     with pytest.raises(ValueError):
         buf.get_into(np.arange(4), buf.empty_batch(3))  # batch size differs from len(ids)
     with pytest.raises(TypeError):

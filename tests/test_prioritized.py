@@ -142,6 +142,23 @@ def test_equal_priorities_with_batch_equal_to_size_draw_every_id_once():
         assert len(set(ids.tolist())) == 64, "with N = 3B equal priorities no id can be drawn twice"
 
 
+def test_stratified_draws_hold_for_the_largest_masses_allowed():
+    # Masses up to 1e298 are accepted; with total * B past DBL_MAX the draw
+    # for segment i must still land in segment i (total * ((i + u) / B)), not
+    # overflow to inf and pile every later segment onto the last leaf.
+    n, batch = 50_000, 1_000_000
+    buf = ReplayBuffer(n, (1,), np.float32, num_envs=100, prioritized=True, alpha=1.0, priority_eps=0.0, seed=6)
+    obs = np.zeros((100, 1), np.float32)
+    zeros, no = np.zeros(100, np.int64), np.zeros(100, bool)
+    for step in range(n // 100):
+        buf.add(obs + step, zeros, np.zeros(100, np.float32), obs + step + 1, no, no)
+    ids = np.arange(n, dtype=np.int64)
+    buf.update_priorities(ids, np.full(n, 1e298))
+    assert float(buf.probabilities(ids[:1])[0]) * n == pytest.approx(1.0)
+    counts = np.bincount(buf.sample(batch).ids, minlength=n)
+    assert counts.min() >= batch // n - 1 and counts.max() <= batch // n + 1, (counts.min(), counts.max())
+
+
 def test_each_id_is_drawn_within_one_of_its_expected_count_per_batch():
     # Stratification bounds every id's draws in one batch: its mass spans
     # c = B * P(i) segments, so it gets between floor(c) - 1 and ceil(c) + 1.
