@@ -35,11 +35,13 @@
 //      7. per env, oldest never decreases with id;
 //      8. an open stream's seqs are non-decreasing, not older than its env's
 //         newest stored transition's oldest frame, and < next_seq.
-//    ReplayBuffer::restore adds: flags hold only known bits, a transition
+//    ReplayBuffer::restore adds: flags hold only known bits; a transition
 //    flagged as following its env's previous one follows one that did not
-//    end, an open stream's env's newest transition did not end, a
-//    shift-flagged transition's frames are a shift, the PRNG state is not
-//    all zeros (and, prioritized, the priority leaves are valid).
+//    end, and its obs frames are that one's next_obs frames (same slots or
+//    same bytes); an open stream is its env's newest transition's next_obs,
+//    and that transition did not end; a shift-flagged transition's frames
+//    are a shift; the PRNG state is not all zeros; prioritized, the
+//    priority leaves are valid.
 #pragma once
 
 #include <algorithm>
