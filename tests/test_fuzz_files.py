@@ -7,8 +7,8 @@ Attack classes covered:
      huge (up to 2**70) and near-miss ints (the saved value +-3), bools,
      floats (nan, inf), strings (dtype-like ones too), lists, dicts, None.
   2. Array contents, checksums recomputed: frames, slots, oldest, actions,
-     rewards, flags, stream_open, stream_seqs get random bytes at random
-     offsets, single bit flips, elements copied from elsewhere in the same
+     rewards, flags, stream_open, stream_seqs (and a prioritized buffer's
+     priorities) get random bytes at random offsets, single bit flips, elements copied from elsewhere in the same
      array, and elements nudged by +-3; whole transition rows and env
      stream rows copied over others.
   3. Raw damage, checksums NOT recomputed: truncation, bit flips, overwritten
@@ -85,19 +85,27 @@ BASES = {  # name: (stream, capacity, adds)
     ),
     "k4-short-episodes": (S(frame_stack=4, padding="random", min_len=1, max_len=2, palette=256), 30, 40),
     "empty": (S(num_envs=2, frame_stack=4), 30, 0),
+    "k2-prioritized": (S(num_envs=2, frame_stack=2, min_len=2, max_len=10, palette=256, p_jump=0.1), 30, 40),
 }
+# Buffer options per base: the prioritized one adds the priorities array and
+# max_priority to what gets attacked (one-step, so the checks stay exact).
+OPTIONS = {"k2-prioritized": dict(prioritized=True, alpha=0.7)}
 
 
 @functools.lru_cache(maxsize=None)
 def base(name) -> Base:
     cfg, capacity, adds = BASES[name]
-    buf, ref, streams = make_buffer(cfg, capacity, seed=11), ReferenceReplay(capacity), EpisodeStreams(cfg, 5)
+    buf = make_buffer(cfg, capacity, seed=11, **OPTIONS.get(name, {}))
+    ref, streams = ReferenceReplay(capacity), EpisodeStreams(cfg, 5)
     for _ in range(adds):
         args = streams.step()
         ref.add(*args)
         buf.add(*args)
     if adds:
         buf.sample(2)  # the PRNG state travels too
+    if buf.prioritized and len(buf):  # priorities that differ, and a max above 1
+        ids = buf.sample(len(buf)).ids
+        buf.update_priorities(ids, np.linspace(0.0, 3.0, len(ids)))
     return Base(replay_file.to_bytes(buf), ref, streams)
 
 
@@ -111,14 +119,14 @@ def assemble(meta, arrays, pinned=frozenset(), transform=lambda text: text) -> b
             break
         size, offset = len(header), 16 + len(header) + 4
         entries = meta.get("arrays") if isinstance(meta, dict) else None
-        for i, name in enumerate(replay_file._ARRAYS):
+        for i, name in enumerate(arrays):  # the file's own order (priorities only when prioritized)
             entry = entries[i] if isinstance(entries, list) and i < len(entries) else None
             if isinstance(entry, dict) and "offset" in entry and ("arrays", i, "offset") not in pinned:
                 entry["offset"] = offset
             offset += len(arrays[name])
     head = struct.pack("<8sII", b"DQNFREPL", replay_file._VERSION, len(header)) + header
-    body = b"".join(bytes(arrays[name]) for name in replay_file._ARRAYS)
-    crcs = [crc32c(bytes(arrays[name])) for name in replay_file._ARRAYS]
+    body = b"".join(bytes(arrays[name]) for name in arrays)
+    crcs = [crc32c(bytes(arrays[name])) for name in arrays]
     return head + struct.pack("<I", crc32c(head)) + body + struct.pack(f"<{len(crcs)}I", *crcs) + b"DQNF-END"
 
 
@@ -136,13 +144,31 @@ def assert_matches(batch, transitions, live):
             assert (got.dtype, got.shape, got.tobytes()) == (want.dtype, want.shape, want.tobytes()), f"{name} of id {tid}"
 
 
+def nstep_rows(buf, transitions, live) -> dict:
+    """The rows an n-step buffer must sample, from one-step `transitions`.
+
+    All bases are one-step, but a header may legitimately say n_step > 1 (the
+    arrays do not depend on it). Which transition follows which is what the
+    buffer's own file says (flag 8, checked against the frames on load)."""
+    _, arrays = parse(replay_file.to_bytes(buf))
+    flags = np.frombuffer(arrays["flags"], np.uint8)
+    ref = ReferenceReplay(buf.capacity)
+    ref.transitions, ref.num_envs, ref.next_id = transitions, buf.num_envs, buf.total_adds
+    ref.follows = {tid: bool(flags[tid % buf.capacity] & 8) for tid in live}
+    return {tid: ref.nstep(tid, buf.n_step, buf.gamma)[:6] for tid in live}
+
+
 def check_samples(buf, transitions):
     live = range(buf.total_adds - len(buf), buf.total_adds)
     assert 0 <= len(buf) <= buf.capacity and live.start >= 0
     if not len(buf):
         return
+    if buf.n_step > 1:
+        transitions = nstep_rows(buf, transitions, live)
     for _ in range(2):
         assert_matches(buf.sample(16), transitions, live)
+    if buf.n_step > 1:
+        return  # window rows of n-step batches: tests/test_nstep.py
     try:
         assert_matches(buf.sample(8, window=True), transitions, live)
     except ValueError as exc:  # legitimate: a sampled transition is not a shift
@@ -280,7 +306,7 @@ def test_hostile_header_fields(name, data):
 
 
 edits = st.tuples(
-    st.sampled_from(replay_file._ARRAYS),
+    st.sampled_from(replay_file._ARRAYS + ("priorities",)),  # priorities: prioritized bases only
     st.sampled_from(["bytes", "bit", "copy", "nudge"]),
     st.integers(0, 2**20),
     st.integers(0, 2**20),
@@ -308,10 +334,11 @@ def edit_array(arr: bytearray, itemsize, op, i, j, blob, delta):
             arr[dst : dst + itemsize] = v.to_bytes(itemsize, "little")
 
 
-# Whole rows copied over others: a transition (all five per-transition arrays)
+# Whole rows copied over others: a transition (every per-transition array)
 # or an env stream (open flag and seqs). Each row stays self-consistent, so
 # these reach the cross-row invariants (per-env order, streams vs transitions).
-ROW_GROUPS = {"transition": ("slots", "oldest", "actions", "rewards", "flags"), "stream": ("stream_open", "stream_seqs")}
+ROW_GROUPS = {"transition": ("slots", "oldest", "actions", "rewards", "flags", "priorities"),
+              "stream": ("stream_open", "stream_seqs")}
 row_copies = st.tuples(st.sampled_from(sorted(ROW_GROUPS)), st.integers(0, 2**10), st.integers(0, 2**10))
 
 
@@ -326,9 +353,10 @@ def test_hostile_array_contents(name, changes, rows):
     meta, arrays = parse(b.data)
     layout = {a["name"]: a for a in meta["arrays"]}
     for array, *edit in changes:
-        edit_array(arrays[array], np.dtype(layout[array]["dtype"]).itemsize, *edit)
+        if array in arrays:
+            edit_array(arrays[array], np.dtype(layout[array]["dtype"]).itemsize, *edit)
     for group, src, dst in rows:
-        for array in ROW_GROUPS[group]:
+        for array in (a for a in ROW_GROUPS[group] if a in arrays):
             arr, n = arrays[array], layout[array]["shape"][0]
             w = len(arr) // n
             src, dst = src % n, dst % n
@@ -420,3 +448,5 @@ def test_the_bases_cover_what_they_say():
     assert facts("k1-float-wrapped")["frames wrapped"]
     assert facts("k4-short-episodes")["evicted early"] and facts("k4-short-episodes")["frames wrapped"]
     assert facts("empty")["empty"]
+    assert facts("k2-prioritized")["ring wrapped"] and "priorities" in parse(base("k2-prioritized").data)[1]
+    assert parse(base("k2-prioritized").data)[0]["state"]["max_priority"] > 1
