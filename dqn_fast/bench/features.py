@@ -18,6 +18,7 @@ as a single-env trainer does.
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from typing import Callable, Dict
@@ -28,7 +29,7 @@ from . import peers as P
 from . import peers_features as F
 from .streams import AtariEnvs
 from .suite import OBS_SHAPE, K, sample_round
-from .timing import interleaved, median, rss_bytes
+from .timing import block_rate, interleaved, median, rss_bytes
 
 BATCHES = (32, 256)
 POOL = 8  # distinct priority arrays, cycled
@@ -57,19 +58,13 @@ def per_round(peer, batch: int, calls: int, seed: int, min_s: float = 0.0) -> Ca
     until at least `min_s` seconds have passed (see suite.sample_round)."""
     pool = priority_pool(batch, seed, as_torch=isinstance(peer, F.DqnFastPrioritized))
 
-    def run() -> float:
+    def block() -> None:
         sample, update = peer.sample, peer.update
-        n, start = 0, time.perf_counter()
-        while True:
-            for i in range(n, n + calls):
-                sample(batch)
-                update(pool[i % POOL])
-            n += calls
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_s:
-                return n / elapsed
+        for i in range(calls):
+            sample(batch)
+            update(pool[i % POOL])
 
-    return run
+    return lambda: block_rate(block, calls, min_s)
 
 
 def _summary(rates: Dict[str, list], num: str, den: str) -> dict:
@@ -120,16 +115,11 @@ def update_throughput(buf, s: dict) -> dict:
         pri = [torch.from_numpy(rng.uniform(0.05, 2.0, size).astype(np.float32)) for _ in range(4)]
         calls = max(1, s["calls"][256] * 4 * 256 // size)
 
-        def run(ids=ids, pri=pri, calls=calls, size=size) -> float:
-            n, start = 0, time.perf_counter()
-            while True:
-                for i in range(calls):
-                    buf.update_priorities(ids[i % 4], pri[i % 4])
-                n += calls
-                elapsed = time.perf_counter() - start
-                if elapsed >= s["round_s"]:
-                    return n * size / elapsed
+        def block(ids=ids, pri=pri, calls=calls) -> None:
+            for i in range(calls):
+                buf.update_priorities(ids[i % 4], pri[i % 4])
 
+        run = functools.partial(block_rate, block, calls * size, s["round_s"])
         rates = interleaved({"update": run}, s["repeats"])["update"]
         out[str(size)] = {"priorities_per_s": median(rates), "repeats": rates}
     return out

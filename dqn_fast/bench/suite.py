@@ -41,7 +41,7 @@ import numpy as np
 
 from . import peers as P
 from .streams import FRAME, K, AtariEnvs, VectorEnvs
-from .timing import interleaved, median, rss_bytes
+from .timing import block_rate, interleaved, median, rss_bytes
 from .under_load import measure_under_load
 
 FRAME_BYTES = FRAME[0] * FRAME[1]
@@ -112,22 +112,13 @@ def add_round(peer: P.Peer, envs, n_steps: int) -> Callable[[], float]:
 
 
 def sample_round(sample: Callable[[int], object], batch: int, calls: int, min_s: float = 0.0) -> Callable[[], float]:
-    """One timed round: blocks of `calls` calls until at least `min_s` seconds
-    have passed. A round of a few milliseconds measures the start, not the
-    steady state a trainer sees: the sampler's threads waking, and whatever the
-    round before left behind (a torch peer's OpenMP threads still spinning)."""
+    """One timed round: blocks of `calls` samples for at least `min_s` seconds (timing.block_rate)."""
 
-    def run() -> float:
-        n, start = 0, time.perf_counter()
-        while True:
-            for _ in range(calls):
-                sample(batch)
-            n += calls
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_s:
-                return n / elapsed
+    def block() -> None:
+        for _ in range(calls):
+            sample(batch)
 
-    return run
+    return lambda: block_rate(block, calls, min_s)
 
 
 def numpy_take_gather(plain: np.ndarray, batch: int, seed: int = 0):

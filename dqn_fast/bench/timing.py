@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import time
 from typing import Callable, Dict, List
 
 
@@ -26,6 +27,21 @@ def interleaved(rounds: Dict[str, Callable[[], float]], repeats: int, warmup: in
         for name, fn in rounds.items():
             rates[name].append(fn())
     return rates
+
+
+def block_rate(block: Callable[[], None], per_block: int, min_s: float) -> float:
+    """Operations per second: `block` (doing `per_block` operations) runs until
+    at least `min_s` seconds have passed. A round of a few milliseconds
+    measures the start, not the steady state a trainer sees: a sampler's
+    threads waking, and whatever the round before left behind (a torch peer's
+    OpenMP threads still spinning)."""
+    n, start = 0, time.perf_counter()
+    while True:
+        block()
+        n += per_block
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_s:
+            return n / elapsed
 
 
 def median(xs: List[float]) -> float:
