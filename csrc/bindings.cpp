@@ -99,7 +99,7 @@ public:
     PyReplayBuffer(uint64_t capacity, int num_envs, int frame_stack, const Shape& frame_shape, py::dtype obs_dtype,
                    const Shape& action_shape, py::dtype action_dtype, uint64_t seed, bool stack_last,
                    double frame_reserve, int sample_threads, int n_step, double gamma, bool prioritized,
-                   double alpha, double priority_eps)
+                   double alpha, double priority_eps, const std::string& compression, uint64_t frame_memory)
         : obs_dtype_(obs_dtype), action_dtype_(action_dtype), action_shape_(action_shape) {
         obs_shape_ = frame_shape;
         if (frame_stack > 1) {
@@ -135,6 +135,16 @@ public:
         c.prioritized = prioritized;
         c.alpha = alpha;
         c.priority_eps = priority_eps;
+        if (compression == "none") {
+            c.compression = dqn_fast::Codec::kNone;
+        } else if (compression == "lz4") {
+            c.compression = dqn_fast::Codec::kLz4;
+        } else if (compression == "zstd") {
+            c.compression = dqn_fast::Codec::kZstd;
+        } else {
+            throw py::value_error("compression must be None, 'lz4' or 'zstd', got '" + compression + "'");
+        }
+        c.frame_memory = frame_memory;
         if (c.action_bytes == 0) throw py::value_error("action_shape must hold at least one element");
         core_ = std::make_unique<ReplayBuffer>(c);
     }
@@ -328,20 +338,23 @@ public:
         state["stream_open"] = open;
         state["stream_seqs"] = seqs;
         state["max_priority"] = s.max_priority;
-        return write(state, views(self, s.next_seq, s.head, false));
+        state["arena_tail"] = s.arena_tail;
+        state["arena_head"] = s.arena_head;
+        return write(state, views(self, s.next_seq, s.head, s.arena_head, false));
     }
 
     // Writable views of a fresh buffer's arrays, cut to the rows a loaded
     // state with these counters has written; filled in place, then _restore.
-    py::dict load_views(py::object self, int64_t next_seq, int64_t head) {
+    py::dict load_views(py::object self, int64_t next_seq, int64_t head, uint64_t arena_head) {
         if (core_->total_adds() != 0 || core_->frames_written() != 0)
             throw py::value_error("can only load into a buffer that has never been added to");
-        return views(self, next_seq, head, true);
+        return views(self, next_seq, head, arena_head, true);
     }
 
     void restore(int64_t next_seq, int64_t head, int64_t tail, const std::vector<uint64_t>& rng,
                  const py::array_t<uint8_t, py::array::c_style>& open,
-                 const py::array_t<int64_t, py::array::c_style>& seqs, double max_priority) {
+                 const py::array_t<int64_t, py::array::c_style>& seqs, double max_priority, int64_t arena_tail,
+                 uint64_t arena_head) {
         const int ne = core_->num_envs(), k = core_->config().frame_stack;
         if (rng.size() != 4) throw py::value_error("the PRNG state must be 4 integers");
         if (open.ndim() != 1 || open.shape(0) != ne || seqs.ndim() != 2 || seqs.shape(0) != ne || seqs.shape(1) != k)
@@ -352,6 +365,8 @@ public:
         s.tail = tail;
         std::copy(rng.begin(), rng.end(), s.rng);
         s.max_priority = max_priority;
+        s.arena_tail = arena_tail;
+        s.arena_head = arena_head;
         s.streams.resize(ne);
         for (int e = 0; e < ne; ++e) {
             if (open.at(e) > 1) throw py::value_error("stream open flags must be 0 or 1");
@@ -568,9 +583,9 @@ private:
     static std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr("__name__")); }
 
     // name -> 1-D uint8 view of each array, keeping `self` alive.
-    py::dict views(py::object self, int64_t next_seq, int64_t head, bool writable) {
+    py::dict views(py::object self, int64_t next_seq, int64_t head, uint64_t arena_head, bool writable) {
         py::dict out;
-        for (const auto& a : core_->arrays(next_seq, head)) {
+        for (const auto& a : core_->arrays(next_seq, head, arena_head)) {
             py::array_t<uint8_t> view({py::ssize_t(a.nbytes)}, {py::ssize_t(1)}, a.data, self);
             if (!writable) view.attr("setflags")(py::arg("write") = false);
             out[a.name] = view;
@@ -663,12 +678,12 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<PyReplayBuffer>(m, "ReplayBufferCore")
         .def(py::init<uint64_t, int, int, const Shape&, py::dtype, const Shape&, py::dtype, uint64_t, bool, double, int,
-                      int, double, bool, double, double>(),
+                      int, double, bool, double, double, const std::string&, uint64_t>(),
              py::arg("capacity"), py::arg("num_envs"), py::arg("frame_stack"), py::arg("frame_shape"),
              py::arg("obs_dtype"), py::arg("action_shape"), py::arg("action_dtype"), py::arg("seed"),
              py::arg("stack_last"), py::arg("frame_reserve"), py::arg("sample_threads"), py::arg("n_step") = 1,
              py::arg("gamma") = 0.99, py::arg("prioritized") = false, py::arg("alpha") = 0.6,
-             py::arg("priority_eps") = 1e-6)
+             py::arg("priority_eps") = 1e-6, py::arg("compression") = "none", py::arg("frame_memory") = 0)
         .def("add", &PyReplayBuffer::add, py::arg("obs"), py::arg("action"), py::arg("reward"), py::arg("next_obs"),
              py::arg("terminated"), py::arg("truncated"),
              "Add one transition per env. Arrays carry a leading num_envs axis (optional when num_envs == 1).")
@@ -681,12 +696,13 @@ PYBIND11_MODULE(_core, m) {
              [](py::object self, py::function write) { return self.cast<PyReplayBuffer&>().snapshot(self, write); },
              py::arg("write"))
         .def("_load_views",
-             [](py::object self, int64_t next_seq, int64_t head) {
-                 return self.cast<PyReplayBuffer&>().load_views(self, next_seq, head);
+             [](py::object self, int64_t next_seq, int64_t head, uint64_t arena_head) {
+                 return self.cast<PyReplayBuffer&>().load_views(self, next_seq, head, arena_head);
              },
-             py::arg("next_seq"), py::arg("head"))
+             py::arg("next_seq"), py::arg("head"), py::arg("arena_head") = 0)
         .def("_restore", &PyReplayBuffer::restore, py::arg("next_seq"), py::arg("head"), py::arg("tail"),
-             py::arg("rng"), py::arg("stream_open"), py::arg("stream_seqs"), py::arg("max_priority"))
+             py::arg("rng"), py::arg("stream_open"), py::arg("stream_seqs"), py::arg("max_priority"),
+             py::arg("arena_tail") = 0, py::arg("arena_head") = 0)
         .def("__len__", [](PyReplayBuffer& b) { return b.core().size(); })
         .def_property_readonly("capacity", [](PyReplayBuffer& b) { return b.core().capacity(); })
         .def_property_readonly("num_envs", [](PyReplayBuffer& b) { return b.core().num_envs(); })
@@ -706,6 +722,20 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("action_dtype", &PyReplayBuffer::action_dtype)
         .def_property_readonly("stack_last", [](PyReplayBuffer& b) { return b.core().config().layout.stack_last; })
         .def_property_readonly("n_step", [](PyReplayBuffer& b) { return b.core().config().n_step; })
+        .def_property_readonly(
+            "compression",
+            [](PyReplayBuffer& b) -> py::object {
+                switch (b.core().config().compression) {
+                    case dqn_fast::Codec::kLz4: return py::str("lz4");
+                    case dqn_fast::Codec::kZstd: return py::str("zstd");
+                    default: return py::none();
+                }
+            },
+            "None, 'lz4' or 'zstd': how frames are stored (see the README's compressed frame store).")
+        .def_property_readonly("frame_memory", [](PyReplayBuffer& b) { return b.core().frame_memory(); },
+                               "Bytes the compressed frame arena may take (0 uncompressed).")
+        .def_property_readonly("frame_memory_used", [](PyReplayBuffer& b) { return b.core().frame_memory_used(); },
+                               "Arena bytes the stored frames take now: payload and slack (0 uncompressed).")
         .def_property_readonly("gamma", [](PyReplayBuffer& b) { return b.core().config().gamma; })
         .def_property_readonly("prioritized", [](PyReplayBuffer& b) { return b.core().config().prioritized; })
         .def_property_readonly("alpha", [](PyReplayBuffer& b) { return b.core().config().alpha; })

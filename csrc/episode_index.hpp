@@ -31,7 +31,9 @@
 //      4. one stream per env, each holding k frame seqs;
 //      5. every frame slot a stored transition names was written
 //         (slot < min(next_seq, frame_capacity));
-//      6. oldest[slot] is the smallest seq the transition names;
+//      6. oldest[slot] is the smallest seq the transition names (compressed:
+//         the oldest key frame its frames decode from), and every frame it
+//         names (and that key) is still stored;
 //      7. per env, oldest never decreases with id;
 //      8. an open stream's seqs are non-decreasing, not older than its env's
 //         newest stored transition's oldest frame, and < next_seq.
@@ -95,7 +97,11 @@ public:
     // this file) that a loaded state breaks. The slot arrays must already
     // hold the loaded rows; `next_seq` is the frame store's counter. Changes
     // nothing; `adopt` then takes the state.
-    void check(int64_t head, int64_t tail, const std::vector<EnvStream>& streams, int64_t next_seq) const {
+    // `key_of(seq)` is the frame a seq's decoding starts from (the seq itself
+    // when frames are stored raw); frames older than `min_live` are gone.
+    template <class KeyOf>
+    void check(int64_t head, int64_t tail, const std::vector<EnvStream>& streams, int64_t next_seq, int64_t min_live,
+               const KeyOf& key_of) const {
         const auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
         const auto str = [](int64_t v) { return std::to_string(v); };
         const int64_t cap = int64_t(capacity_), fcap = int64_t(frame_capacity_);
@@ -121,8 +127,10 @@ public:
                 if (f[j] >= written)
                     fail("transition " + str(id) + " names frame slot " + str(f[j]) + ", which holds no frame");
                 const int64_t seq = base + f[j] < live ? base + f[j] + fcap : base + f[j];
-                lo = std::min(lo, seq);
+                if (seq < min_live) fail("transition " + str(id) + " names frame " + str(seq) + ", which is no longer stored");
+                lo = std::min(lo, key_of(seq));
             }
+            if (lo < min_live) fail("transition " + str(id) + " names a frame whose key frame is no longer stored");
             if (oldest_[slot] != lo) fail("transition " + str(id) + " records the wrong oldest frame");
             const int e = int(id % num_envs_);
             if (lo < last_oldest[e]) fail("transition " + str(id) + " names frames older than its env's previous one");
@@ -164,16 +172,13 @@ public:
     }
 
     // Appends the next transition (it belongs to env head % num_envs). `frames`
-    // holds its 2k frame seqs (obs, then next_obs); returns the slot written.
-    uint64_t append(const int64_t* frames) {
+    // holds its 2k frame seqs (obs, then next_obs), `oldest` the oldest frame
+    // it needs (invariant 6); returns the slot written.
+    uint64_t append(const int64_t* frames, int64_t oldest) {
         const uint64_t slot = slot_of(head_);
         uint32_t* dst = slots_.data() + slot * 2 * k_;
-        int64_t lo = frames[0];
-        for (int j = 0; j < 2 * k_; ++j) {
-            dst[j] = uint32_t(uint64_t(frames[j]) % frame_capacity_);
-            lo = std::min(lo, frames[j]);
-        }
-        oldest_[slot] = lo;
+        for (int j = 0; j < 2 * k_; ++j) dst[j] = uint32_t(uint64_t(frames[j]) % frame_capacity_);
+        oldest_[slot] = oldest;
         ++head_;
         return slot;
     }

@@ -21,6 +21,8 @@ struct BufferState {
     uint64_t rng[4] = {0, 0, 0, 0};
     std::vector<EnvStream> streams;  // one per env
     double max_priority = 1.0;       // prioritized buffers: the largest priority set so far
+    int64_t arena_tail = 0;          // compressed buffers: the oldest frame the arena holds
+    uint64_t arena_head = 0;         // ... and the virtual offset its next frame goes to
 };
 
 // One of the buffer's arrays, cut to the rows that were ever written.

@@ -46,6 +46,14 @@ uint64_t ReplayBuffer::frame_capacity_for(const BufferConfig& c) {
     return c.capacity + proportional + 2 * k * (k + 1) * uint64_t(c.num_envs);
 }
 
+uint64_t ReplayBuffer::default_frame_memory(const BufferConfig& c) {
+    // An eighth of a frame, but room for small frames (which barely code) raw.
+    const uint64_t fb = c.layout.frame_bytes;
+    const uint64_t per_frame = std::max(fb / 8, std::min<uint64_t>(fb, 64)) + 1;
+    return std::max(checked_mul(frame_capacity_for(c), per_frame, "the frame arena"),
+                    FrameArena::min_arena_bytes(c.layout.frame_bytes, c.num_envs, c.frame_stack));
+}
+
 uint64_t ReplayBuffer::env_bytes(int frame_stack) {
     constexpr uint64_t kMallocOverhead = 16;  // glibc's per-allocation header
     return sizeof(EnvStream) + uint64_t(frame_stack) * sizeof(int64_t) + kMallocOverhead + sizeof(EnvPlan);
@@ -99,14 +107,31 @@ ReplayBuffer::ReplayBuffer(const BufferConfig& config) : config_(config), k_(con
     // allocate too little.
     const char* what = "the replay buffer";
     const uint64_t per_transition = checked_add(2 * uint64_t(k_) * 4 + 8 + 4 + 1, c.action_bytes, what);
-    uint64_t total = checked_mul(frames, c.layout.frame_bytes, "the frame store");
+    if (compressed()) {
+        require(c.layout.frame_bytes < (uint64_t(1) << 31),
+                "compression needs frames under 2 GiB, got " + std::to_string(c.layout.frame_bytes) + " bytes");
+        const uint64_t least = FrameArena::min_arena_bytes(c.layout.frame_bytes, c.num_envs, k_);
+        if (c.frame_memory == 0) config_.frame_memory = default_frame_memory(c);
+        require(c.frame_memory >= least, "frame_memory=" + std::to_string(c.frame_memory) +
+                                             " bytes is less than one add of " + std::to_string(c.num_envs) +
+                                             " envs can need: at least " + std::to_string(least) + " bytes");
+    }
+    uint64_t total = compressed() ? checked_add(c.frame_memory, FrameArena::overhead_bytes(frames, c.layout.frame_bytes, c.num_envs, k_), what)
+                                  : checked_mul(frames, c.layout.frame_bytes, "the frame store");
     total = checked_add(total, checked_mul(c.capacity, per_transition, "the transition index"), what);
     total = checked_add(total, uint64_t(c.num_envs) * env_bytes(k_), what);
     total = checked_add(total, 2 * c.layout.frame_bytes, what);  // channel-last scratch
     if (c.prioritized) total = checked_add(total, SumTree::bytes_for(c.capacity), what);
     check_can_allocate(total, what);
 
-    store_ = FrameStore(frames, c.layout.frame_bytes);
+    if (compressed()) {
+        arena_ = FrameArena(frames, c.layout.frame_bytes, c.frame_memory, c.compression, c.num_envs, k_);
+        arena_refs_.assign(size_t(c.num_envs), -1);
+        force_key_.assign(size_t(c.num_envs), false);
+    } else {
+        store_ = FrameStore(frames, c.layout.frame_bytes);
+    }
+    add_seqs_.resize(size_t(c.num_envs) * 2 * size_t(k_));
     index_ = EpisodeIndex(c.capacity, c.num_envs, k_, frames);
     actions_ = Column<uint8_t>(checked_mul(c.capacity, c.action_bytes, "the actions"));
     rewards_ = Column<float>(c.capacity);
@@ -120,11 +145,12 @@ ReplayBuffer::ReplayBuffer(const BufferConfig& config) : config_(config), k_(con
 void ReplayBuffer::publish_counters() {
     size_.store(index_.size());
     total_adds_.store(index_.head());
-    frames_written_.store(store_.next_seq());
+    frames_written_.store(compressed() ? arena_.next_seq() : store_.next_seq());
+    frame_memory_used_.store(compressed() ? arena_.used_bytes() : 0);
 }
 
 uint64_t ReplayBuffer::nbytes() const {
-    return store_.nbytes() + index_.nbytes() + actions_.nbytes() + rewards_.nbytes() + flags_.nbytes() +
+    return store_.nbytes() + arena_.nbytes() + index_.nbytes() + actions_.nbytes() + rewards_.nbytes() + flags_.nbytes() +
            scratch_.size() + uint64_t(config_.num_envs) * env_bytes(k_) + tree_.nbytes();
 }
 
@@ -152,9 +178,20 @@ uint64_t ReplayBuffer::runs_of(const uint8_t* obs, int& new_frames) {
     return runs;
 }
 
-bool ReplayBuffer::equals_stream(const uint8_t* obs, const EnvStream& stream) {
-    if (!stream.open || stream.seqs[0] < store_.oldest_live_seq()) return false;
+bool ReplayBuffer::equals_stream(const uint8_t* obs, int env) {
+    const EnvStream& stream = index_.stream(env);
+    if (!stream.open) return false;
     const uint64_t fb = config_.layout.frame_bytes;
+    if (compressed()) {
+        const int64_t live = arena_.oldest_live_seq();
+        for (int j = 0; j < k_; ++j)
+            if (!arena_.decodable(stream.seqs[j], live)) return false;
+        const uint8_t* raw = arena_.stream_raw(env);
+        for (int j = k_ - 1; j >= 0; --j)
+            if (std::memcmp(frame_of(obs, j, scratch_.data()), raw + uint64_t(j) * fb, fb) != 0) return false;
+        return true;
+    }
+    if (stream.seqs[0] < store_.oldest_live_seq()) return false;
     for (int j = k_ - 1; j >= 0; --j) {  // newest first: that is where streams differ
         if (std::memcmp(frame_of(obs, j, scratch_.data()), store_.frame(stream.seqs[j]), fb) != 0)
             return false;
@@ -175,16 +212,75 @@ bool ReplayBuffer::is_shift(const uint8_t* obs, const uint8_t* next_obs) {
     return true;
 }
 
-void ReplayBuffer::push_frames(const uint8_t* obs, uint64_t runs, int64_t* seqs) {
+int64_t ReplayBuffer::push_frame(int env, const uint8_t* frame) {
+    return compressed() ? arena_.stage(env, frame) : store_.push(frame);
+}
+
+void ReplayBuffer::push_frames(int env, const uint8_t* obs, uint64_t runs, int64_t* seqs) {
     for (int j = 0; j < k_; ++j) {
-        seqs[j] = (runs >> j & 1) ? seqs[j - 1] : store_.push(frame_of(obs, j, scratch_.data()));
+        seqs[j] = (runs >> j & 1) ? seqs[j - 1] : push_frame(env, frame_of(obs, j, scratch_.data()));
     }
+}
+
+// The frames of env e's transition in this add: its stream's or new ones.
+void ReplayBuffer::stage_env(int e, const AddArgs& a, int64_t* seqs) {
+    const EnvPlan& p = plan_[e];
+    const EnvStream& stream = index_.stream(e);
+    const uint8_t* obs = a.obs + e * obs_bytes_;
+    const uint8_t* next = a.next_obs + e * obs_bytes_;
+    if (p.continues) {
+        std::copy(stream.seqs.begin(), stream.seqs.end(), seqs);
+    } else {
+        push_frames(e, obs, p.obs_runs, seqs);
+    }
+    if (p.shift) {
+        std::copy(seqs + 1, seqs + k_, seqs + k_);
+        seqs[2 * k_ - 1] = push_frame(e, frame_of(next, k_ - 1, scratch_.data()));
+    } else {
+        push_frames(e, next, p.next_runs, seqs + k_);
+    }
+}
+
+void ReplayBuffer::append_env(int e, const AddArgs& a, const int64_t* seqs, int64_t oldest, double new_mass) {
+    const EnvPlan& p = plan_[e];
+    EnvStream& stream = index_.stream(e);
+    const uint64_t slot = index_.append(seqs, oldest);
+    const uint64_t ab = config_.action_bytes;
+    std::memcpy(actions_.data() + slot * ab, a.action + e * ab, ab);
+    rewards_[slot] = a.reward[e];
+    const bool term = a.terminated[e] != 0, trunc = a.truncated[e] != 0;
+    flags_[slot] = uint8_t((term ? kTerminated : 0) | (trunc ? kTruncated : 0) | (p.shift ? kShift : 0) |
+                           (p.follows ? kFollows : 0));
+    if (config_.prioritized) tree_.set(slot, new_mass);
+    std::copy(seqs + k_, seqs + 2 * k_, stream.seqs.begin());
+    stream.open = !(term || trunc);
+}
+
+// Transition eviction before an add writes: room for num_envs transitions,
+// and none may name a frame older than `limit`.
+void ReplayBuffer::evict_before(int64_t limit, int64_t old_tail, int64_t head) {
+    const int ne = config_.num_envs;
+    index_.evict_for(uint64_t(ne));
+    index_.evict_frames_before(limit);
+    if (config_.prioritized) {
+        // Evicted leaves go to 0, except the slots this add writes (ids below
+        // `reused` share their slot with one of the new transitions: set by append_env).
+        const int64_t reused = head + ne - int64_t(config_.capacity);
+        for (int64_t id = std::max(old_tail, reused); id < index_.tail(); ++id) tree_.set(index_.slot_of(id), 0.0);
+    }
+}
+
+// The oldest frame a transition needs: the smallest seq, or (compressed)
+// the oldest key its frames decode from.
+int64_t ReplayBuffer::oldest_of(const int64_t* seqs) const {
+    int64_t lo = INT64_MAX;
+    for (int j = 0; j < 2 * k_; ++j) lo = std::min(lo, compressed() ? arena_.key_of(seqs[j]) : seqs[j]);
+    return lo;
 }
 
 void ReplayBuffer::add(const AddArgs& a) {
     std::lock_guard<std::mutex> lock(mutex_);
     const int ne = config_.num_envs;
-    const int64_t frame_cap = int64_t(store_.capacity());
 
     // 1. Plan: which envs continue their stream, and how many frames get written.
     int64_t n_new = 0;
@@ -193,7 +289,7 @@ void ReplayBuffer::add(const AddArgs& a) {
         const uint8_t* next = a.next_obs + e * obs_bytes_;
         EnvPlan& p = plan_[e];
         int frames = 0;
-        p.follows = equals_stream(obs, index_.stream(e));
+        p.follows = equals_stream(obs, e);
         p.continues = p.follows;
         p.obs_runs = p.continues ? 0 : runs_of(obs, frames);
         n_new += frames;
@@ -201,8 +297,11 @@ void ReplayBuffer::add(const AddArgs& a) {
         p.next_runs = p.shift ? 0 : runs_of(next, frames);
         n_new += p.shift ? 1 : frames;
     }
+    if (compressed()) return add_compressed(a);
+
     // A continuing stream must not be overwritten by this very add; if it
     // would be (only possible with a tiny reserve), store its frames anew.
+    const int64_t frame_cap = int64_t(store_.capacity());
     for (bool changed = true; changed;) {
         changed = false;
         for (int e = 0; e < ne; ++e) {
@@ -218,46 +317,63 @@ void ReplayBuffer::add(const AddArgs& a) {
 
     // 2. Evict: room for ne transitions, and no stored transition may name a
     // frame this add overwrites.
-    const int64_t old_tail = index_.tail(), head = index_.head();
-    index_.evict_for(uint64_t(ne));
-    index_.evict_frames_before(store_.next_seq() + n_new - frame_cap);
-    if (config_.prioritized) {
-        // Evicted leaves go to 0, except the slots this add writes (ids below
-        // `reused` share their slot with one of the new transitions: set below).
-        const int64_t reused = head + ne - int64_t(config_.capacity);
-        for (int64_t id = std::max(old_tail, reused); id < index_.tail(); ++id) tree_.set(index_.slot_of(id), 0.0);
-    }
+    evict_before(store_.next_seq() + n_new - frame_cap, index_.tail(), index_.head());
     const double new_mass = config_.prioritized ? mass(max_priority_) : 0.0;
 
     // 3. Write frames, then the transitions that name them.
-    const int two_k = 2 * k_;
-    int64_t seqs[128];  // 2k <= 128
+    int64_t* seqs = add_seqs_.data();  // 2k <= 128
     for (int e = 0; e < ne; ++e) {
-        const EnvPlan& p = plan_[e];
-        EnvStream& stream = index_.stream(e);
-        const uint8_t* obs = a.obs + e * obs_bytes_;
+        stage_env(e, a, seqs);
+        append_env(e, a, seqs, oldest_of(seqs), new_mass);
+    }
+    publish_counters();
+}
+
+// add, compressed: code every new frame first (staged), find which frames
+// the add's bytes push out of the arena, and re-plan until nothing this add
+// needs is among them: a continuing stream whose key would go is stored
+// anew, and a patch of a chain whose key would go is coded as a key. Each
+// round flips at least one env for good, so this ends. Then evict, write.
+void ReplayBuffer::add_compressed(const AddArgs& a) {
+    const int ne = config_.num_envs, two_k = 2 * k_;
+    int64_t limit = 0;
+    for (;;) {
+        arena_.begin(arena_refs_, force_key_);
+        for (int e = 0; e < ne; ++e) stage_env(e, a, add_seqs_.data() + size_t(e) * two_k);
+        limit = arena_.limit();
+        bool changed = false;
+        for (int e = 0; e < ne; ++e) {
+            EnvPlan& p = plan_[e];
+            if (p.continues) {
+                const auto& seqs = index_.stream(e).seqs;
+                int64_t key = INT64_MAX;
+                for (int j = 0; j < k_; ++j) key = std::min(key, arena_.key_of(seqs[size_t(j)]));
+                if (key < limit) {
+                    int frames = 0;
+                    p.continues = false;
+                    p.obs_runs = runs_of(a.obs + e * obs_bytes_, frames);
+                    changed = true;
+                }
+            }
+            if (!force_key_[size_t(e)] && arena_.old_chain_key(e) < limit) {
+                force_key_[size_t(e)] = true;
+                changed = true;
+            }
+        }
+        if (!changed) break;
+    }
+    evict_before(limit, index_.tail(), index_.head());
+    const double new_mass = config_.prioritized ? mass(max_priority_) : 0.0;
+    arena_.commit();
+    const uint64_t fb = config_.layout.frame_bytes;
+    for (int e = 0; e < ne; ++e) {
+        const int64_t* seqs = add_seqs_.data() + size_t(e) * two_k;
+        append_env(e, a, seqs, oldest_of(seqs), new_mass);
         const uint8_t* next = a.next_obs + e * obs_bytes_;
-        if (p.continues) {
-            std::copy(stream.seqs.begin(), stream.seqs.end(), seqs);
-        } else {
-            push_frames(obs, p.obs_runs, seqs);
-        }
-        if (p.shift) {
-            std::copy(seqs + 1, seqs + k_, seqs + k_);
-            seqs[two_k - 1] = store_.push(frame_of(next, k_ - 1, scratch_.data()));
-        } else {
-            push_frames(next, p.next_runs, seqs + k_);
-        }
-        const uint64_t slot = index_.append(seqs);
-        const uint64_t ab = config_.action_bytes;
-        std::memcpy(actions_.data() + slot * ab, a.action + e * ab, ab);
-        rewards_[slot] = a.reward[e];
-        const bool term = a.terminated[e] != 0, trunc = a.truncated[e] != 0;
-        flags_[slot] = uint8_t((term ? kTerminated : 0) | (trunc ? kTruncated : 0) | (p.shift ? kShift : 0) |
-                               (p.follows ? kFollows : 0));
-        if (config_.prioritized) tree_.set(slot, new_mass);
-        std::copy(seqs + k_, seqs + two_k, stream.seqs.begin());
-        stream.open = !(term || trunc);
+        uint8_t* raw = arena_.stream_raw(e);
+        for (int j = 0; j < k_; ++j) std::memcpy(raw + uint64_t(j) * fb, frame_of(next, j, scratch_.data()), fb);
+        arena_refs_[size_t(e)] = seqs[two_k - 1];
+        force_key_[size_t(e)] = false;
     }
     publish_counters();
 }
@@ -424,6 +540,45 @@ void ReplayBuffer::prefetch_item(int64_t i, const SampleOut& out) const {
     }
 }
 
+// Item i's frames from a compressed arena, decoded straight into the output
+// (frame-first stacks) or through a per-thread scratch frame per position
+// (channel-last). Frames already decoded for this item start the chains of
+// the rest: a stack's next frame costs one copy and one patch.
+void ReplayBuffer::decode_item(int64_t i, int m, const SampleOut& out) const {
+    const FrameLayout& layout = config_.layout;
+    const uint64_t fb = layout.frame_bytes;
+    const int k = k_, row = k + config_.n_step;
+    const int64_t id = out.ids[i], ne = config_.num_envs;
+    thread_local std::vector<uint8_t> scratch;
+    if (layout.stack_last && scratch.size() < uint64_t(2 * k + config_.n_step) * fb)
+        scratch.resize(uint64_t(2 * k + config_.n_step) * fb);
+    FrameArena::Recent recent;
+    int pos = 0;
+    const auto put = [&](uint8_t* obs, int j, int count, uint32_t slot) {
+        if (uint8_t* dst = const_cast<uint8_t*>(layout.contiguous(obs, j, count))) {
+            arena_.decode(slot, dst, recent);
+        } else {
+            uint8_t* tmp = scratch.data() + uint64_t(pos) * fb;
+            arena_.decode(slot, tmp, recent);
+            layout.write(obs, j, count, tmp);
+        }
+        ++pos;
+    };
+    const uint32_t* f = index_.frames_of(index_.slot_of(id));
+    if (out.frames) {
+        uint8_t* dst = out.frames + uint64_t(i) * row * fb;
+        for (int j = 0; j < k; ++j) put(dst, j, row, f[j]);
+        for (int w = 0; w < m; ++w) put(dst, k + w, row, index_.frames_of(index_.slot_of(id + w * ne))[2 * k - 1]);
+        for (int j = k + m; j < row; ++j) layout.zero(dst, j, row);
+    } else {
+        uint8_t* obs = out.obs + uint64_t(i) * k * fb;
+        uint8_t* next = out.next_obs + uint64_t(i) * k * fb;
+        const uint32_t* g = index_.frames_of(index_.slot_of(id + (m - 1) * ne));
+        for (int j = 0; j < k; ++j) put(obs, j, k, f[j]);
+        for (int j = 0; j < k; ++j) put(next, j, k, g[k + j]);
+    }
+}
+
 // Items [begin, end) of a batch; prefetches the item after each.
 void ReplayBuffer::gather(int64_t begin, int64_t end, const SampleOut& out) const {
     const FrameLayout& layout = config_.layout;
@@ -436,8 +591,13 @@ void ReplayBuffer::gather(int64_t begin, int64_t end, const SampleOut& out) cons
         const int m = n > 1 ? windows_[i] : 1;
         const uint64_t slot = index_.slot_of(id), last = index_.slot_of(id + (m - 1) * ne);
         const uint32_t* f = index_.frames_of(slot);
-        if (i + 1 < end) prefetch_item(i + 1, out);
-        if (out.frames) {
+        if (compressed()) {
+            decode_item(i, m, out);
+        } else if (i + 1 < end) {
+            prefetch_item(i + 1, out);
+        }
+        if (compressed()) {
+        } else if (out.frames) {
             uint8_t* dst = out.frames + uint64_t(i) * row * fb;
             for (int j = 0; j < k; ++j) layout.write(dst, j, row, store_.slot(f[j]));
             for (int w = 0; w < m; ++w)
@@ -496,7 +656,9 @@ double ReplayBuffer::max_priority() const {
 
 BufferState ReplayBuffer::state() const {
     BufferState s;
-    s.next_seq = store_.next_seq();
+    s.next_seq = compressed() ? arena_.next_seq() : store_.next_seq();
+    s.arena_tail = arena_.tail();
+    s.arena_head = arena_.head_offset();
     s.head = index_.head();
     s.tail = index_.tail();
     std::copy(rng_.state(), rng_.state() + 4, s.rng);
@@ -505,11 +667,29 @@ BufferState ReplayBuffer::state() const {
     return s;
 }
 
-std::vector<RawArray> ReplayBuffer::arrays(int64_t next_seq, int64_t head) {
-    const uint64_t frames = uint64_t(std::clamp<int64_t>(next_seq, 0, int64_t(store_.capacity())));
+std::vector<RawArray> ReplayBuffer::arrays(int64_t next_seq, int64_t head, uint64_t arena_head) {
+    const uint64_t frames = uint64_t(std::clamp<int64_t>(next_seq, 0, int64_t(frame_capacity())));
     const uint64_t rows = uint64_t(std::clamp<int64_t>(head, 0, int64_t(config_.capacity)));
+    if (compressed()) {
+        // The arena's bytes ever written, and the table rows of the frames.
+        const uint64_t bytes = std::min(arena_head, arena_.arena_bytes());
+        std::vector<RawArray> out = {
+            {"arena", arena_.arena_data(), bytes},
+            {"frame_offsets", reinterpret_cast<uint8_t*>(arena_.offset_data()), frames * sizeof(uint64_t)},
+            {"frame_sizes", reinterpret_cast<uint8_t*>(arena_.size_data()), frames * sizeof(uint32_t)},
+            {"frame_ref_back", reinterpret_cast<uint8_t*>(arena_.ref_back_data()), frames * sizeof(uint32_t)},
+            {"frame_key_back", reinterpret_cast<uint8_t*>(arena_.key_back_data()), frames * sizeof(uint32_t)},
+        };
+        for (auto& a : index_arrays(rows)) out.push_back(a);
+        return out;
+    }
+    std::vector<RawArray> out = {{"frames", store_.data(), frames * store_.frame_bytes()}};
+    for (auto& a : index_arrays(rows)) out.push_back(a);
+    return out;
+}
+
+std::vector<RawArray> ReplayBuffer::index_arrays(uint64_t rows) {
     std::vector<RawArray> out = {
-        {"frames", store_.data(), frames * store_.frame_bytes()},
         {"slots", reinterpret_cast<uint8_t*>(index_.slots_data()), rows * 2 * k_ * sizeof(uint32_t)},
         {"oldest", reinterpret_cast<uint8_t*>(index_.oldest_data()), rows * sizeof(int64_t)},
         {"actions", actions_.data(), rows * config_.action_bytes},
@@ -523,17 +703,49 @@ std::vector<RawArray> ReplayBuffer::arrays(int64_t next_seq, int64_t head) {
 
 // Whether two lists of k frame slots hold the same frames: the same slots, or
 // equal bytes (a stream the frame reserve made the buffer store anew).
+// A stored frame's bytes: in place, or (compressed) decoded into scratch.
+const uint8_t* ReplayBuffer::stored_frame(uint32_t slot, uint8_t* scratch) const {
+    if (!compressed()) return store_.slot(slot);
+    FrameArena::Recent recent;
+    arena_.decode(slot, scratch, recent);
+    return scratch;
+}
+
 bool ReplayBuffer::same_frames(const uint32_t* a, const uint32_t* b) const {
-    const uint64_t fb = store_.frame_bytes();
+    const uint64_t fb = config_.layout.frame_bytes;
+    std::vector<uint8_t> scratch(compressed() ? 2 * fb : 0);
     for (int j = 0; j < k_; ++j)
-        if (a[j] != b[j] && std::memcmp(store_.slot(a[j]), store_.slot(b[j]), fb) != 0) return false;
+        if (a[j] != b[j] && std::memcmp(stored_frame(a[j], scratch.data()), stored_frame(b[j], scratch.data() + fb * compressed()), fb) != 0)
+            return false;
     return true;
 }
 
 void ReplayBuffer::restore(const BufferState& s) {
     std::lock_guard<std::mutex> lock(mutex_);
-    require(index_.head() == 0 && store_.next_seq() == 0, "restore needs a buffer that has never been added to");
-    index_.check(s.head, s.tail, s.streams, s.next_seq);
+    require(index_.head() == 0 && store_.next_seq() == 0 && arena_.next_seq() == 0,
+            "restore needs a buffer that has never been added to");
+    if (compressed()) {
+        // The arena first: index checks look keys up in its table.
+        arena_.check(s.next_seq, s.arena_tail, s.arena_head);
+        const uint32_t* key_back = arena_.key_back_data();
+        const uint64_t fcap = arena_.capacity();
+        const int64_t live = std::max(s.next_seq - int64_t(fcap), s.arena_tail);
+        index_.check(s.head, s.tail, s.streams, s.next_seq, live,
+                     [&](int64_t seq) { return seq - int64_t(key_back[uint64_t(seq) % fcap]); });
+        // Decoding below (same_frames) needs the counters in place; nothing
+        // else reads the arena before the checks end.
+        arena_.adopt(s.next_seq, s.arena_tail, s.arena_head, std::vector<int64_t>(size_t(config_.num_envs), -1));
+    } else {
+        index_.check(s.head, s.tail, s.streams, s.next_seq, 0, [](int64_t seq) { return seq; });
+    }
+    // Any failed check below must leave the buffer never added to.
+    struct Undo {
+        FrameArena* arena;
+        bool armed = true;
+        ~Undo() {
+            if (armed) arena->adopt(0, 0, 0, std::vector<int64_t>());
+        }
+    } undo{&arena_};
     for (int64_t id = s.tail; id < s.head; ++id) {
         const uint64_t slot = index_.slot_of(id);
         const uint8_t flags = flags_[slot];
@@ -559,7 +771,7 @@ void ReplayBuffer::restore(const BufferState& s) {
     }
     // An open stream is its env's newest transition's next_obs, and that
     // transition did not end the episode: the next add may continue it (kFollows).
-    const uint64_t fcap = store_.capacity();
+    const uint64_t fcap = frame_capacity();
     for (int e = 0; e < config_.num_envs; ++e) {
         const int64_t newest = s.head - config_.num_envs + e;
         const EnvStream& stream = s.streams[size_t(e)];
@@ -593,7 +805,27 @@ void ReplayBuffer::restore(const BufferState& s) {
         max_priority_ = s.max_priority;
     }
     index_.adopt(s.head, s.tail, s.streams);
-    store_.set_next_seq(s.next_seq);
+    if (compressed()) {
+        // Each env's stream frames (the next add compares its obs with them,
+        // and patches its next frame against the newest), where decodable.
+        std::vector<int64_t> refs(size_t(config_.num_envs), -1);
+        const int64_t live = std::max(s.next_seq - int64_t(arena_.capacity()), s.arena_tail);
+        for (int e = 0; e < config_.num_envs; ++e) {
+            const auto& seqs = s.streams[size_t(e)].seqs;
+            bool ok = true;
+            for (int j = 0; j < k_; ++j) ok = ok && arena_.decodable(seqs[size_t(j)], live);
+            if (!ok) continue;
+            FrameArena::Recent recent;
+            for (int j = 0; j < k_; ++j)
+                arena_.decode(arena_.slot_of(seqs[size_t(j)]), arena_.stream_raw(e) + uint64_t(j) * config_.layout.frame_bytes, recent);
+            refs[size_t(e)] = seqs[size_t(k_ - 1)];
+        }
+        arena_.adopt(s.next_seq, s.arena_tail, s.arena_head, refs);
+        arena_refs_ = refs;
+    } else {
+        store_.set_next_seq(s.next_seq);
+    }
+    undo.armed = false;
     rng_.set_state(s.rng);
     publish_counters();
 }

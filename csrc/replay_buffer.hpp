@@ -24,6 +24,15 @@
 // exactly for the stored ids; an update for an id outside [tail, head) is
 // ignored (the id was evicted and its slot may hold a newer transition).
 //
+// Compression (compression != kNone): frames live coded in a FrameArena
+// (frame_arena.hpp) instead of the FrameStore. A transition's `oldest` is
+// then the oldest *key* frame its frames' chains start from, so evicting
+// by it drops exactly the transitions whose frames could no longer be
+// decoded. Each add codes its frames first (staged), learns which frames
+// its bytes push out of the arena, evicts the transitions naming them, and
+// only then writes: the arena never holds a frame a stored transition needs
+// that cannot be decoded. Everything above holds unchanged.
+//
 // Locking: add, sample, get and update_priorities each hold `mutex_` for
 // their whole native part (the bindings release the GIL first). A sample therefore never sees a
 // half-written add, and no frame it gathers can be overwritten under it.
@@ -41,6 +50,7 @@
 #include <vector>
 
 #include "episode_index.hpp"
+#include "frame_arena.hpp"
 #include "frame_layout.hpp"
 #include "frame_store.hpp"
 #include "persistence.hpp"
@@ -72,6 +82,8 @@ struct BufferConfig {
     bool prioritized = false;
     double alpha = 0.6;          // P(i) ~ (p_i + priority_eps)^alpha
     double priority_eps = 1e-6;
+    Codec compression = Codec::kNone;  // kNone: raw FrameStore; else a FrameArena
+    uint64_t frame_memory = 0;         // the arena's bytes (compressed only; 0: default_frame_memory)
 };
 
 // Batched inputs of one add: every pointer holds num_envs C-contiguous items.
@@ -123,6 +135,10 @@ public:
 
     // Frames the store holds for a given config (capacity + reserve).
     static uint64_t frame_capacity_for(const BufferConfig& config);
+    // The arena a compressed buffer gets when frame_memory is 0: room for
+    // frames coded to an eighth of their size (frames under 64 bytes: raw),
+    // and at least the minimum.
+    static uint64_t default_frame_memory(const BufferConfig& config);
     // Bytes of per-env state (stream + add plan, with allocator overhead).
     static uint64_t env_bytes(int frame_stack);
 
@@ -130,7 +146,11 @@ public:
     int64_t total_adds() const { return total_adds_.load(); }          // transitions ever added (next id)
     int64_t frames_written() const { return frames_written_.load(); }  // frames ever stored
     uint64_t capacity() const { return config_.capacity; }
-    uint64_t frame_capacity() const { return store_.capacity(); }
+    uint64_t frame_capacity() const { return compressed() ? arena_.capacity() : store_.capacity(); }
+    bool compressed() const { return config_.compression != Codec::kNone; }
+    uint64_t frame_memory() const { return compressed() ? arena_.arena_bytes() : 0; }
+    // Arena bytes the stored frames take now (payload and slack); 0 uncompressed.
+    uint64_t frame_memory_used() const { return frame_memory_used_.load(); }
     int num_envs() const { return config_.num_envs; }
     uint64_t nbytes() const;
     const BufferConfig& config() const { return config_; }
@@ -142,7 +162,7 @@ public:
     BufferState state() const;
     // The arrays, each cut to the rows written by the time the counters reach
     // (next_seq, head): a ring's prefix until it first wraps, then all of it.
-    std::vector<RawArray> arrays(int64_t next_seq, int64_t head);
+    std::vector<RawArray> arrays(int64_t next_seq, int64_t head, uint64_t arena_head);
     // Throws std::invalid_argument (and changes nothing) unless the state is
     // consistent with the arrays; requires a buffer that has never been added to.
     void restore(const BufferState& state);
@@ -162,9 +182,18 @@ private:
 
     const uint8_t* frame_of(const uint8_t* obs, int j, uint8_t* scratch) const;
     uint64_t runs_of(const uint8_t* obs, int& new_frames);
-    bool equals_stream(const uint8_t* obs, const EnvStream& stream);
+    bool equals_stream(const uint8_t* obs, int env);
     bool is_shift(const uint8_t* obs, const uint8_t* next_obs);
-    void push_frames(const uint8_t* obs, uint64_t runs, int64_t* seqs);
+    void push_frames(int env, const uint8_t* obs, uint64_t runs, int64_t* seqs);
+    int64_t push_frame(int env, const uint8_t* frame);
+    void stage_env(int env, const AddArgs& a, int64_t* seqs);
+    void append_env(int env, const AddArgs& a, const int64_t* seqs, int64_t oldest, double new_mass);
+    void evict_before(int64_t limit, int64_t old_tail, int64_t head);
+    void add_compressed(const AddArgs& a);
+    int64_t oldest_of(const int64_t* seqs) const;
+    void decode_item(int64_t i, int m, const SampleOut& out) const;
+    std::vector<RawArray> index_arrays(uint64_t rows);
+    const uint8_t* stored_frame(uint32_t slot, uint8_t* scratch) const;
     bool prepare(int64_t batch_size, const SampleOut& out);
     void prefetch_item(int64_t i, const SampleOut& out) const;
     void gather(int64_t begin, int64_t end, const SampleOut& out) const;
@@ -181,7 +210,11 @@ private:
     BufferConfig config_;
     int k_;
     uint64_t obs_bytes_;
-    FrameStore store_;
+    FrameStore store_;   // uncompressed
+    FrameArena arena_;   // compressed
+    std::vector<int64_t> arena_refs_;  // per env: its stream's newest frame (patch reference)
+    std::vector<bool> force_key_;      // per env: its next frame must be a key (see add_compressed)
+    std::vector<int64_t> add_seqs_;    // per env: the 2k frame seqs of the add in progress
     EpisodeIndex index_;
     Column<uint8_t> actions_;
     Column<float> rewards_;
@@ -200,6 +233,7 @@ private:
     mutable std::mutex mutex_;
     std::atomic<uint64_t> size_{0};
     std::atomic<int64_t> total_adds_{0}, frames_written_{0};
+    std::atomic<uint64_t> frame_memory_used_{0};
 };
 
 }  // namespace dqn_fast

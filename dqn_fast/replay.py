@@ -218,6 +218,17 @@ class ReplayBuffer(_core.ReplayBufferCore):
         gamma: the return's discount, in [0, 1].
         prioritized: proportional prioritized replay (Schaul et al. 2016).
         alpha, priority_eps: P(i) ~ (p_i + priority_eps)^alpha.
+        compression: None (frames stored raw), "lz4" or "zstd": frames coded
+            losslessly on add (key frames with that codec through C-Blosc2,
+            the others as byte patches against their env's previous frame)
+            into a byte arena of ``frame_memory`` bytes; sampling decodes
+            them natively. See the README's "Compressed frame store".
+        frame_memory: bytes the compressed frames may take (the arena; pages
+            are touched only as frames fill them). None: an eighth of the raw
+            frames' size, ``frame_capacity * (max(frame_bytes // 8,
+            min(frame_bytes, 64)) + 1)`` (Atari frames code to 1-5%). When
+            the arena is full the oldest transitions go first, and ``len``
+            says so.
     """
 
     def __init__(
@@ -239,6 +250,8 @@ class ReplayBuffer(_core.ReplayBufferCore):
         prioritized: bool = False,
         alpha: float = 0.6,
         priority_eps: float = 1e-6,
+        compression: Optional[str] = None,
+        frame_memory: Optional[int] = None,
     ):
         capacity = _positive_int(capacity, "capacity")
         frame_stack = _positive_int(frame_stack, "frame_stack", _core.MAX_FRAME_STACK)
@@ -274,6 +287,14 @@ class ReplayBuffer(_core.ReplayBufferCore):
             raise TypeError(f"prioritized must be a bool, got {type(prioritized).__name__}")
         alpha = _real(alpha, "alpha", 0.0, math.inf)
         priority_eps = _real(priority_eps, "priority_eps", 0.0, math.inf)
+        if compression is not None and not isinstance(compression, str):
+            raise TypeError(f"compression must be None, 'lz4' or 'zstd', got {type(compression).__name__}")
+        if compression not in (None, "lz4", "zstd"):
+            raise ValueError(f"compression must be None, 'lz4' or 'zstd', got {compression!r}")
+        if frame_memory is not None:
+            if compression is None:
+                raise ValueError("frame_memory is the compressed arena's budget: pass compression='lz4' or 'zstd' too")
+            frame_memory = _positive_int(frame_memory, "frame_memory", 2**63 - 1)
         super().__init__(
             capacity,
             num_envs,
@@ -291,6 +312,8 @@ class ReplayBuffer(_core.ReplayBufferCore):
             bool(prioritized),
             alpha,
             priority_eps,
+            compression or "none",
+            frame_memory or 0,
         )
         self.seed = int(seed)
         self.frame_reserve = float(frame_reserve)
@@ -306,7 +329,7 @@ class ReplayBuffer(_core.ReplayBufferCore):
         return (
             f"ReplayBuffer(capacity={self.capacity}, obs_shape={self.obs_shape}, obs_dtype={self.obs_dtype}, "
             f"frame_stack={self.frame_stack}, num_envs={self.num_envs}, n_step={self.n_step}, "
-            f"prioritized={self.prioritized}, len={len(self)}, nbytes={self.nbytes})"
+            f"prioritized={self.prioritized}, compression={self.compression!r}, len={len(self)}, nbytes={self.nbytes})"
         )
 
     # ------------------------------------------------------------------ sampling

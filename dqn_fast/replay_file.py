@@ -1,6 +1,6 @@
 """The replay buffer file: `ReplayBuffer.save` / `ReplayBuffer.load`.
 
-File format (little-endian), version 2:
+File format (little-endian), version 3:
   preamble   8s magic, u32 format version, u32 header length N
   header     N bytes of JSON: {"config", "state", "arrays"}, then the
              u32 CRC-32C of preamble + JSON
@@ -11,7 +11,11 @@ File format (little-endian), version 2:
 Version 2 adds n_step, gamma, prioritized, alpha and priority_eps to the
 config, max_priority to the state and, for prioritized buffers, the
 "priorities" array (each slot's (p + eps)^alpha). Version 1 files still
-load, as the uniform one-step buffers they were.
+load, as the uniform one-step buffers they were. Version 3 adds compression
+and frame_memory to the config, arena_tail and arena_head to the state and,
+for compressed buffers, the coded frame arena (its bytes ever written) and
+the frame table (offset, size, ref_back, key_back per frame) in place of
+"frames"; the core checks every coded frame before the buffer is returned.
 Every byte is covered by a magic, a checksum, or an exact size check.
 Loading reads nothing but JSON and raw bytes (no pickle), checks the
 header, the file size and every checksum, and lets the core check the
@@ -101,19 +105,29 @@ def _config(buf) -> dict:
         "prioritized": bool(buf.prioritized),
         "alpha": float(buf.alpha),
         "priority_eps": float(buf.priority_eps),
+        "compression": buf.compression,
+        "frame_memory": int(buf.frame_memory) if buf.compression else None,
     }
 
 
 def _array_names(buf) -> tuple:
+    names = _ARRAYS
     if buf.prioritized:
-        return _ARRAYS[:6] + ("priorities",) + _ARRAYS[6:]
-    return _ARRAYS
+        names = names[:6] + ("priorities",) + names[6:]
+    if buf.compression:
+        names = _ARENA_ARRAYS + names[1:]
+    return names
 
 def _layout(buf, arrays: dict, offset: int) -> list:
     """Each array's name, dtype, shape, offset and nbytes, as JSON values."""
     k, ne = buf.frame_stack, buf.num_envs
     items = {
         "frames": (buf.obs_dtype, buf.frame_shape),
+        "arena": (np.dtype(np.uint8), ()),
+        "frame_offsets": (np.dtype(np.uint64), ()),
+        "frame_sizes": (np.dtype(np.uint32), ()),
+        "frame_ref_back": (np.dtype(np.uint32), ()),
+        "frame_key_back": (np.dtype(np.uint32), ()),
         "slots": (np.dtype(np.uint32), (2 * k,)),
         "oldest": (np.dtype(np.int64), ()),
         "actions": (buf.action_dtype, buf.action_shape),
@@ -144,6 +158,8 @@ def _write(buf, f) -> None:
         }
         meta["state"]["rng"] = [int(x) for x in state["rng"]]
         meta["state"]["max_priority"] = float(state["max_priority"])
+        meta["state"]["arena_tail"] = int(state["arena_tail"])
+        meta["state"]["arena_head"] = int(state["arena_head"])
         # The header's length depends on the offsets it lists: settle it.
         size = 0
         while True:
@@ -202,7 +218,7 @@ def _read(cls, f, name: str):
     if error is not None:
         del buf  # never constructed: no frame of this traceback may hold it
         raise error
-    arrays = dict(buf._load_views(state["next_seq"], state["head"]))
+    arrays = dict(buf._load_views(state["next_seq"], state["head"], state["arena_head"]))
     arrays["stream_open"] = np.empty(buf.num_envs, np.uint8)
     arrays["stream_seqs"] = np.empty((buf.num_envs, buf.frame_stack), np.int64)
     start = _PREAMBLE.size + header_len + 4
@@ -232,16 +248,18 @@ def _read(cls, f, name: str):
         buf._restore(
             state["next_seq"], state["head"], state["tail"], state["rng"],
             arrays["stream_open"], arrays["stream_seqs"], state["max_priority"],
+            state["arena_tail"], state["arena_head"],
         )
     except ValueError as exc:
         raise bad(f"inconsistent buffer state: {exc}") from None
     return buf
 
 
-_MAGIC, _END, _VERSION = b"DQNFREPL", b"DQNF-END", 2
-_READS = (1, 2)
+_MAGIC, _END, _VERSION = b"DQNFREPL", b"DQNF-END", 3
+_READS = (1, 2, 3)
 _PREAMBLE = struct.Struct("<8sII")
 _ARRAYS = ("frames", "slots", "oldest", "actions", "rewards", "flags", "stream_open", "stream_seqs")
+_ARENA_ARRAYS = ("arena", "frame_offsets", "frame_sizes", "frame_ref_back", "frame_key_back")
 _MAX_HEADER = 1 << 20
 _CHUNK = 4 << 20  # checksum a chunk, then write it while it is still in cache
 _COUNT_MAX = 1 << 62  # the core's limit for its counters
@@ -251,11 +269,12 @@ _CONFIG_TYPES = {
     "sample_threads": int, "seed": int,
 }
 _CONFIG_TYPES_V2 = dict(_CONFIG_TYPES, n_step=int, gamma=float, prioritized=bool, alpha=float, priority_eps=float)
+_CONFIG_TYPES_V3 = dict(_CONFIG_TYPES_V2, compression=(str, type(None)), frame_memory=(int, type(None)))
 
 
 def _check_meta(meta, version: int = _VERSION) -> Tuple[dict, dict]:
     """The config and state of a parsed header, every field's type checked."""
-    types = _CONFIG_TYPES_V2 if version >= 2 else _CONFIG_TYPES
+    types = _CONFIG_TYPES_V3 if version >= 3 else _CONFIG_TYPES_V2 if version == 2 else _CONFIG_TYPES
 
     def keys(d, want, what):
         if not isinstance(d, dict) or set(d) != set(want):
@@ -266,16 +285,18 @@ def _check_meta(meta, version: int = _VERSION) -> Tuple[dict, dict]:
     keys(config, types, "config")
     for key, kind in types.items():
         value = config[key]
-        if type(value) is not kind or (kind is list and not all(type(d) is int for d in value)):
-            what = "a list of ints" if kind is list else kind.__name__
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if type(value) not in kinds or (kind is list and not all(type(d) is int for d in value)):
+            what = "a list of ints" if kind is list else " or ".join(k.__name__ for k in kinds)
             raise ValueError(f"config.{key} must be {what}, got {value!r}")
     for key in ("obs_dtype", "action_dtype"):
         # Only plain numeric type strings reach numpy (it parses far more).
         if not (re.fullmatch(r"[<>|][biuf](1|2|4|8|16)", config[key]) and _dtype_str(config[key]) == config[key]):
             raise ValueError(f"config.{key} must be a bool, integer or float dtype string, got {config[key]!r}")
     config = dict(config, obs_dtype=np.dtype(config["obs_dtype"]), action_dtype=np.dtype(config["action_dtype"]))
-    keys(state, ("next_seq", "head", "tail", "rng") + (("max_priority",) if version >= 2 else ()), "state")
-    for key in ("next_seq", "head", "tail"):
+    want = ("next_seq", "head", "tail", "rng") + (("max_priority",) if version >= 2 else ())
+    keys(state, want + (("arena_tail", "arena_head") if version >= 3 else ()), "state")
+    for key in ("next_seq", "head", "tail") + (("arena_tail", "arena_head") if version >= 3 else ()):
         if type(state[key]) is not int or not 0 <= state[key] < _COUNT_MAX:
             raise ValueError(f"state.{key} must be an int in [0, 2**62), got {state[key]!r}")
     rng = state["rng"]
@@ -286,6 +307,8 @@ def _check_meta(meta, version: int = _VERSION) -> Tuple[dict, dict]:
             raise ValueError(f"state.max_priority must be a float, got {state['max_priority']!r}")
     else:
         state = dict(state, max_priority=1.0)
+    if version < 3:
+        state = dict(state, arena_tail=0, arena_head=0)
     return config, state
 
 

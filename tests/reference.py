@@ -199,6 +199,8 @@ class StreamConfig:
     p_glitch: float = 0.0  # obs does not continue the stream
     p_jump: float = 0.0  # next_obs is not obs shifted by one frame
     action_shape: tuple = ()
+    drift: float = 0.0  # > 0: a step's new frame is the previous one with this share of elements redrawn
+    # (consecutive frames then differ a little, like a game's: compressed stores code them as patches)
 
 
 class EpisodeStreams:
@@ -215,6 +217,14 @@ class EpisodeStreams:
         if np.dtype(c.dtype).kind == "f":
             return (v * 0.25 + self.rng.integers(0, 2)).astype(c.dtype)
         return v.astype(c.dtype)
+
+    def _next(self, prev):
+        if self.cfg.drift <= 0:
+            return self._frame()
+        out = prev.copy()
+        mask = self.rng.random(prev.shape) < self.cfg.drift
+        out[mask] = self._frame()[mask]
+        return out
 
     def _stack(self, frames):
         c = self.cfg
@@ -253,7 +263,7 @@ class EpisodeStreams:
             if self.rng.random() < c.p_jump:
                 n = self._reset()
             else:
-                n = self._stack(self._frames(o)[1:] + [self._frame()])
+                n = self._stack(self._frames(o)[1:] + [self._next(self._frames(o)[-1])])
             self.left[e] -= 1
             done = self.left[e] <= 0
             term = done and bool(self.rng.random() < 0.5)
@@ -278,3 +288,23 @@ class EpisodeStreams:
             np.array(terms),
             np.array(truncs),
         )
+
+
+def min_frame_memory(cfg: StreamConfig) -> int:
+    """The smallest compressed arena a buffer of this config accepts: one add
+    (2k coded frames per env, each at most a byte over raw) twice, plus one
+    frame of slack at the wrap (see csrc/frame_arena.hpp)."""
+    frame_bytes = int(np.prod(cfg.frame_shape)) * np.dtype(cfg.dtype).itemsize
+    return (4 * cfg.num_envs * cfg.frame_stack + 1) * (frame_bytes + 1)
+
+
+def compression_kwargs(cfg: StreamConfig, compression, extra_frames=None) -> dict:
+    """Buffer kwargs for a codec; extra_frames: an arena only that many raw
+    frames over the minimum (None: the default arena), so it fills before the
+    ring does and evicts by bytes."""
+    if compression is None:
+        return {}
+    if extra_frames is None:
+        return {"compression": compression}
+    frame_bytes = int(np.prod(cfg.frame_shape)) * np.dtype(cfg.dtype).itemsize
+    return {"compression": compression, "frame_memory": min_frame_memory(cfg) + extra_frames * frame_bytes}

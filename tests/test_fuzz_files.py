@@ -8,7 +8,7 @@ Attack classes covered:
      floats (nan, inf), strings (dtype-like ones too), lists, dicts, None.
   2. Array contents, checksums recomputed: frames, slots, oldest, actions,
      rewards, flags, stream_open, stream_seqs (and a prioritized buffer's
-     priorities) get random bytes at random offsets, single bit flips, elements copied from elsewhere in the same
+     priorities; a compressed buffer's arena and frame table) get random bytes at random offsets, single bit flips, elements copied from elsewhere in the same
      array, and elements nudged by +-3; whole transition rows and env
      stream rows copied over others.
   3. Raw damage, checksums NOT recomputed: truncation, bit flips, overwritten
@@ -26,7 +26,9 @@ should. What "should" means depends on what was mutated:
     the invariants legitimately differ from what was added. The checkable
     promise is that a loaded buffer samples what its file says: every sampled
     id is in [tail, head) and equals the transition decoded in Python from
-    the file's own arrays (obs = frames[slots[id % capacity, :k]], ...);
+    the file's own arrays (obs = frames[slots[id % capacity, :k]], ...; a
+    compressed file's frames decoded by decode_arena, written here from the
+    format's description, independently of the core);
   * raw damage (class 3): a checksum is wrong, so the load must fail (CRC-32C
     catches every burst of up to 32 bits; a pass would be a 2**-32 fluke).
     Edits that happen to leave the bytes unchanged must load.
@@ -86,10 +88,26 @@ BASES = {  # name: (stream, capacity, adds)
     "k4-short-episodes": (S(frame_stack=4, padding="random", min_len=1, max_len=2, palette=256), 30, 40),
     "empty": (S(num_envs=2, frame_stack=4), 30, 0),
     "k2-prioritized": (S(num_envs=2, frame_stack=2, min_len=2, max_len=10, palette=256, p_jump=0.1), 30, 40),
+    # Compressed: 16x16 frames of few values, so keys go through Blosc2 and
+    # patches are short; a tight arena wraps and evicts by bytes.
+    "k4-lz4-arena-wrapped": (
+        StreamConfig(num_envs=2, frame_stack=4, frame_shape=(16, 16), min_len=3, max_len=14, palette=2, p_jump=0.1,
+                     drift=0.05),
+        200, 150,
+    ),
+    "k2-zstd-channel-last": (
+        StreamConfig(frame_stack=2, stack_axis=-1, frame_shape=(12, 10), palette=3, p_glitch=0.1, min_len=2, max_len=9,
+                     drift=0.05),
+        30, 45,
+    ),
 }
 # Buffer options per base: the prioritized one adds the priorities array and
 # max_priority to what gets attacked (one-step, so the checks stay exact).
-OPTIONS = {"k2-prioritized": dict(prioritized=True, alpha=0.7)}
+OPTIONS = {
+    "k2-prioritized": dict(prioritized=True, alpha=0.7),
+    "k4-lz4-arena-wrapped": dict(compression="lz4", frame_memory=(4 * 2 * 4 + 1) * 257 + 1000),
+    "k2-zstd-channel-last": dict(compression="zstd"),
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,11 +193,73 @@ def check_samples(buf, transitions):
         assert "window output cannot hold" in str(exc), exc
 
 
+def decode_arena(arrays, buf) -> np.ndarray:
+    """Every frame slot of a compressed file, decoded from the arena (a frame
+    that cannot be decoded is left zero: no stored transition may name it).
+
+    Each coded frame is a tag byte: 0 raw bytes, 1 a Blosc2 chunk, 2 a patch
+    of the frame ref_back seqs earlier: (skip, length, bytes) runs, LEB128."""
+    import blosc2
+
+    arena = bytes(arrays["arena"])
+    offsets = np.frombuffer(arrays["frame_offsets"], np.uint64)
+    sizes = np.frombuffer(arrays["frame_sizes"], np.uint32)
+    ref_back = np.frombuffer(arrays["frame_ref_back"], np.uint32)
+    fb, fcap, a = int(np.prod(buf.frame_shape)) * buf.obs_dtype.itemsize, buf.frame_capacity, buf.frame_memory
+    memo = {}
+
+    def varint(p, at):
+        v = shift = 0
+        while True:
+            b = p[at]
+            v |= (b & 0x7F) << shift
+            at, shift = at + 1, shift + 7
+            if not b & 0x80:
+                return v, at
+
+    def frame(slot, depth=0):
+        if slot in memo:
+            return memo[slot]
+        assert depth < 64, "a chain of patches that does not end"
+        off = int(offsets[slot]) % a
+        coded = arena[off : off + int(sizes[slot])]
+        if coded[0] == 0:
+            out = bytearray(coded[1:])
+        elif coded[0] == 1:
+            out = bytearray(blosc2.decompress(coded[1:]))
+        else:
+            out = bytearray(frame((slot - int(ref_back[slot])) % fcap, depth + 1))
+            pos, at = 0, 1
+            while at < len(coded):
+                skip, at = varint(coded, at)
+                n, at = varint(coded, at)
+                pos += skip
+                out[pos : pos + n] = coded[at : at + n]
+                pos, at = pos + n, at + n
+        assert len(out) == fb
+        memo[slot] = bytes(out)
+        return memo[slot]
+
+    return frame
+
+
 def decode(data, buf) -> dict:
     """The transitions a file holds, decoded in Python from its own arrays."""
     _, arrays = parse(data)
     k, cap = buf.frame_stack, buf.capacity
-    frames = np.frombuffer(arrays["frames"], buf.obs_dtype).reshape(-1, *buf.frame_shape)
+    if buf.compression:
+        frame = decode_arena(arrays, buf)
+
+        class Frames:  # frames[slots] for the slots a transition names
+            def __len__(self):
+                return buf.frame_capacity
+
+            def __getitem__(self, seq):
+                return np.stack([np.frombuffer(frame(int(s)), buf.obs_dtype).reshape(buf.frame_shape) for s in seq])
+
+        frames = Frames()
+    else:
+        frames = np.frombuffer(arrays["frames"], buf.obs_dtype).reshape(-1, *buf.frame_shape)
     slots = np.frombuffer(arrays["slots"], np.uint32).reshape(-1, 2 * k)
     actions = np.frombuffer(arrays["actions"], buf.action_dtype).reshape(-1, *buf.action_shape)
     rewards = np.frombuffer(arrays["rewards"], np.float32)
@@ -306,7 +386,8 @@ def test_hostile_header_fields(name, data):
 
 
 edits = st.tuples(
-    st.sampled_from(replay_file._ARRAYS + ("priorities",)),  # priorities: prioritized bases only
+    # priorities: prioritized bases only; the arena and frame table: compressed ones
+    st.sampled_from(replay_file._ARRAYS + ("priorities",) + replay_file._ARENA_ARRAYS),
     st.sampled_from(["bytes", "bit", "copy", "nudge"]),
     st.integers(0, 2**20),
     st.integers(0, 2**20),
@@ -338,7 +419,8 @@ def edit_array(arr: bytearray, itemsize, op, i, j, blob, delta):
 # or an env stream (open flag and seqs). Each row stays self-consistent, so
 # these reach the cross-row invariants (per-env order, streams vs transitions).
 ROW_GROUPS = {"transition": ("slots", "oldest", "actions", "rewards", "flags", "priorities"),
-              "stream": ("stream_open", "stream_seqs")}
+              "stream": ("stream_open", "stream_seqs"),
+              "frame": ("frame_offsets", "frame_sizes", "frame_ref_back", "frame_key_back")}
 row_copies = st.tuples(st.sampled_from(sorted(ROW_GROUPS)), st.integers(0, 2**10), st.integers(0, 2**10))
 
 
@@ -450,3 +532,14 @@ def test_the_bases_cover_what_they_say():
     assert facts("empty")["empty"]
     assert facts("k2-prioritized")["ring wrapped"] and "priorities" in parse(base("k2-prioritized").data)[1]
     assert parse(base("k2-prioritized").data)[0]["state"]["max_priority"] > 1
+    for name in ("k4-lz4-arena-wrapped", "k2-zstd-channel-last"):
+        meta, arrays = parse(base(name).data)
+        st_, cap = meta["state"], meta["config"]["capacity"]
+        slots = np.frombuffer(arrays["slots"], np.uint32).reshape(min(st_["head"], cap), -1)
+        named = {int(s) for i in range(st_["tail"], st_["head"]) for s in slots[i % cap]}
+        offsets = np.frombuffer(arrays["frame_offsets"], np.uint64)
+        tags = {arrays["arena"][int(offsets[s]) % meta["config"]["frame_memory"]] for s in named}
+        assert {1, 2} <= tags <= {0, 1, 2}, (name, tags)  # Blosc2 keys and patches are named
+    meta, _ = parse(base("k4-lz4-arena-wrapped").data)
+    assert meta["state"]["arena_head"] > meta["config"]["frame_memory"]  # the arena wrapped
+    assert facts("k4-lz4-arena-wrapped")["evicted early"]

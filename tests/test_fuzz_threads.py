@@ -33,6 +33,10 @@ CONFIGS = {
               dict(capacity=400, obs_shape=(4, 84, 84), frame_stack=4, num_envs=4)),
     "atari_pool": (StreamConfig(num_envs=4, frame_shape=(84, 84), min_len=5, max_len=80, palette=256),
                    dict(capacity=400, obs_shape=(4, 84, 84), frame_stack=4, num_envs=4, sample_threads=3)),
+    # compressed, a tight arena: adds evict by bytes while threads decode
+    "atari_lz4": (StreamConfig(num_envs=4, frame_shape=(84, 84), min_len=5, max_len=80, palette=256, drift=0.02),
+                  dict(capacity=400, obs_shape=(4, 84, 84), frame_stack=4, num_envs=4, sample_threads=3,
+                       compression="lz4", frame_memory=2_000_000)),
 }
 
 

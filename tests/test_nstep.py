@@ -22,9 +22,12 @@ from hypothesis import strategies as st
 
 from dqn_fast import ReplayBuffer
 from dqn_fast.replay import window_next_obs
-from reference import EpisodeStreams, ReferenceReplay, StreamConfig, assert_batch_matches, assert_nstep_batch_matches
+from reference import (EpisodeStreams, ReferenceReplay, StreamConfig, assert_batch_matches, assert_nstep_batch_matches,
+                       compression_kwargs)
 
 EXAMPLES = max(5, int(os.environ.get("DQN_FAST_FUZZ_EXAMPLES", "200")) // 5)
+compressions = st.sampled_from([None, "lz4", "zstd"])
+arena_room = st.one_of(st.none(), st.integers(0, 30))  # None: the default arena; else a tight one
 PROPERTY = settings(deadline=None, max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -108,16 +111,18 @@ stream_configs = st.builds(
     p_glitch=st.sampled_from([0.0, 0.15, 0.3]),  # stream breaks
     p_jump=st.sampled_from([0.0, 0.0, 0.15]),
     action_shape=st.sampled_from([(), (2,)]),
+    drift=st.sampled_from([0.0, 0.05, 0.3]),
 )
 gammas = st.one_of(st.sampled_from([0.0, 0.5, 0.99, 1.0]), st.floats(0.0, 1.0))
 
 
 @PROPERTY
 @given(cfg=stream_configs, capacity=st.integers(3, 40), adds=st.integers(1, 60), n=st.integers(1, 4),
-       gamma=gammas, seed=st.integers(0, 2**16))
-def test_every_stored_id_equals_the_reference(cfg, capacity, adds, n, gamma, seed):
+       gamma=gammas, seed=st.integers(0, 2**16), compression=compressions, room=arena_room)
+def test_every_stored_id_equals_the_reference(cfg, capacity, adds, n, gamma, seed, compression, room):
     capacity = max(capacity, cfg.num_envs)
-    buf, ref = make_buffer(cfg, capacity, seed, n_step=n, gamma=gamma), ReferenceReplay(capacity)
+    kw = compression_kwargs(cfg, compression, room)
+    buf, ref = make_buffer(cfg, capacity, seed, n_step=n, gamma=gamma, **kw), ReferenceReplay(capacity)
     assert buf.n_step == n and buf.gamma == gamma
 
     def check(step):
@@ -134,11 +139,12 @@ def test_every_stored_id_equals_the_reference(cfg, capacity, adds, n, gamma, see
 
 @PROPERTY
 @given(cfg=stream_configs, capacity=st.integers(3, 40), adds=st.integers(1, 50), n=st.integers(1, 4),
-       gamma=gammas, seed=st.integers(0, 2**16))
-def test_window_mode_equals_the_reference(cfg, capacity, adds, n, gamma, seed):
+       gamma=gammas, seed=st.integers(0, 2**16), compression=compressions, room=arena_room)
+def test_window_mode_equals_the_reference(cfg, capacity, adds, n, gamma, seed, compression, room):
     cfg.p_jump = 0.0  # a window only holds transitions whose next_obs is obs shifted by a frame
     capacity = max(capacity, cfg.num_envs)
-    buf, ref = make_buffer(cfg, capacity, seed, n_step=n, gamma=gamma), ReferenceReplay(capacity)
+    kw = compression_kwargs(cfg, compression, room)
+    buf, ref = make_buffer(cfg, capacity, seed, n_step=n, gamma=gamma, **kw), ReferenceReplay(capacity)
 
     def check(step):
         if step % 5 == 4 or step == adds - 1:

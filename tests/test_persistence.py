@@ -16,7 +16,7 @@ import dqn_fast.replay_file as replay_file
 from dqn_fast import ReplayBuffer
 from dqn_fast._core import crc32c
 from dqn_fast.replay import ReplayFileError
-from reference import EpisodeStreams, ReferenceReplay, StreamConfig, assert_batch_matches
+from reference import EpisodeStreams, ReferenceReplay, StreamConfig, assert_batch_matches, compression_kwargs
 from test_replay import make_buffer
 
 CONFIGS = {
@@ -25,6 +25,14 @@ CONFIGS = {
     "vector": (StreamConfig(frame_stack=1, frame_shape=(4,), dtype=np.float32, palette=1000), 25),
     "short-episodes": (StreamConfig(frame_stack=4, padding="random", min_len=1, max_len=2, palette=256), 20),
     "glitches": (StreamConfig(num_envs=2, frame_stack=2, p_glitch=0.2, p_jump=0.2, max_len=8), 24),
+    # Compressed: the arena, its frame table and the streams' chains travel; a
+    # tight arena (lz4) has wrapped and evicted by bytes before the save.
+    "lz4-tight-arena": (StreamConfig(num_envs=2, frame_stack=4, frame_shape=(9, 9), palette=4, drift=0.1), 60),
+    "zstd-channel-last": (StreamConfig(num_envs=2, frame_stack=3, stack_axis=-1, frame_shape=(8, 8), drift=0.1), 30),
+}
+COMPRESSION = {
+    "lz4-tight-arena": lambda cfg: compression_kwargs(cfg, "lz4", 40),
+    "zstd-channel-last": lambda cfg: compression_kwargs(cfg, "zstd"),
 }
 
 
@@ -40,7 +48,7 @@ def test_resumed_buffer_continues_exactly_like_the_original(tmp_path, name, adds
     cfg, capacity = CONFIGS[name]
     window = cfg.p_jump == 0
     streams, ref = EpisodeStreams(cfg, 1), ReferenceReplay(capacity)
-    buf = make_buffer(cfg, capacity, seed=3)
+    buf = make_buffer(cfg, capacity, seed=3, **COMPRESSION.get(name, lambda cfg: {})(cfg))
     for _ in range(adds_before):
         args = streams.step()
         ref.add(*args)
@@ -63,6 +71,7 @@ def test_resumed_buffer_continues_exactly_like_the_original(tmp_path, name, adds
         buf.add(*args)
         resumed.add(*args)
         assert (len(resumed), resumed.frames_written) == (len(buf), buf.frames_written)
+        assert resumed.frame_memory_used == buf.frame_memory_used
 
 
 def test_pickle_and_deepcopy_use_the_checked_format():
@@ -191,7 +200,7 @@ def test_corruption_messages_say_where(saved):
             load_bytes(path, bad)
     with pytest.raises(ReplayFileError, match="unexpected bytes after the end"):
         load_bytes(path, data + b"\0")
-    for version in (0, 3, 2**32 - 1):
+    for version in (0, 4, 2**32 - 1):
         with pytest.raises(ReplayFileError, match=f"format version {version} is not supported"):
             load_bytes(path, build(*parse(data), version=version))
     with pytest.raises(FileNotFoundError):

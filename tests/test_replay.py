@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dqn_fast import ReplayBuffer
-from reference import EpisodeStreams, ReferenceReplay, StreamConfig, assert_batch_matches
+from reference import EpisodeStreams, ReferenceReplay, StreamConfig, assert_batch_matches, compression_kwargs
 
 
 def make_buffer(cfg: StreamConfig, capacity: int, seed: int = 0, **kw) -> ReplayBuffer:
@@ -63,30 +63,41 @@ stream_configs = st.builds(
     p_glitch=st.sampled_from([0.0, 0.0, 0.1]),
     p_jump=st.sampled_from([0.0, 0.0, 0.1]),
     action_shape=st.sampled_from([(), (2,)]),
+    drift=st.sampled_from([0.0, 0.05, 0.3]),
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=stream_configs, capacity=st.integers(3, 60), adds=st.integers(1, 150), seed=st.integers(0, 2**16))
-def test_samples_equal_reference(cfg, capacity, adds, seed):
+# Compressed frame stores must keep every semantic above; a tight arena (a
+# few frames over the minimum) fills before the ring and evicts by bytes.
+compressions = st.sampled_from([None, "lz4", "zstd"])
+arena_room = st.one_of(st.none(), st.integers(0, 40))
+
+
+@settings(max_examples=90, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=stream_configs, capacity=st.integers(3, 60), adds=st.integers(1, 150), seed=st.integers(0, 2**16),
+       compression=compressions, room=arena_room)
+def test_samples_equal_reference(cfg, capacity, adds, seed, compression, room):
     capacity = max(capacity, cfg.num_envs)
-    run(cfg, capacity, adds, seed, check_every=3, batch=12)
+    run(cfg, capacity, adds, seed, check_every=3, batch=12, **compression_kwargs(cfg, compression, room))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=stream_configs, capacity=st.integers(4, 40), seed=st.integers(0, 2**16))
-def test_window_output_equals_reference(cfg, capacity, seed):
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=stream_configs, capacity=st.integers(4, 40), seed=st.integers(0, 2**16), compression=compressions,
+       room=arena_room)
+def test_window_output_equals_reference(cfg, capacity, seed, compression, room):
     cfg.p_jump = 0.0  # a window can only hold shift-consistent transitions
     capacity = max(capacity, cfg.num_envs)
-    run(cfg, capacity, 80, seed, check_every=4, batch=8, window=True)
+    run(cfg, capacity, 80, seed, check_every=4, batch=8, window=True, **compression_kwargs(cfg, compression, room))
 
 
+@pytest.mark.parametrize("compression", [None, "lz4"])
 @pytest.mark.parametrize("padding", ["repeat", "zero"])
 @pytest.mark.parametrize("num_envs", [1, 3])
-def test_long_episodes_fill_exactly_capacity_through_many_wraps(padding, num_envs):
+def test_long_episodes_fill_exactly_capacity_through_many_wraps(padding, num_envs, compression):
     cfg = StreamConfig(num_envs=num_envs, frame_stack=4, padding=padding, min_len=50, max_len=200, palette=256)
     capacity = 600
-    buf, ref, _ = run(cfg, capacity, adds=3000 // num_envs, check_every=97, batch=64)
+    kw = compression_kwargs(cfg, compression, 2 * capacity)  # random frames do not code: an arena of raw size
+    buf, ref, _ = run(cfg, capacity, adds=3000 // num_envs, check_every=97, batch=64, **kw)
     # With the default reserve, episodes of 50+ steps never force early eviction.
     assert len(buf) == min(ref.next_id, capacity)
     assert ref.next_id > 4 * capacity

@@ -3,18 +3,24 @@
 import threading
 
 import numpy as np
+import pytest
 
 from dqn_fast import ReplayBuffer
 from reference import EpisodeStreams, ReferenceReplay, StreamConfig, assert_batch_matches
 
 
-def test_sampling_while_adding_returns_only_valid_transitions():
+@pytest.mark.parametrize("compression", [None, "lz4"])
+def test_sampling_while_adding_returns_only_valid_transitions(compression):
     # Real-looking Atari frames, a small ring that wraps many times, and two
-    # batch sizes so both the serial and the threaded gather run.
-    cfg = StreamConfig(num_envs=4, frame_stack=4, frame_shape=(84, 84), padding="zero", min_len=5, max_len=80, palette=256)
+    # batch sizes so both the serial and the threaded gather run. Compressed:
+    # frames that drift (patches) in an arena that fills before the ring.
+    drift = 0.02 if compression else 0.0
+    cfg = StreamConfig(num_envs=4, frame_stack=4, frame_shape=(84, 84), padding="zero", min_len=5, max_len=80,
+                       palette=256, drift=drift)
     capacity, adds = 400, 700
     streams = EpisodeStreams(cfg, 1)
-    buf = ReplayBuffer(capacity, (4, 84, 84), frame_stack=4, num_envs=4, seed=5)
+    kw = dict(compression=compression, frame_memory=1_500_000) if compression else {}
+    buf = ReplayBuffer(capacity, (4, 84, 84), frame_stack=4, num_envs=4, seed=5, **kw)
     ref = ReferenceReplay(capacity)
     ref.add(*streams.step())
     buf.add(*ref_last_args(ref, cfg.num_envs))
