@@ -23,6 +23,8 @@ HELP = {
     "alpha": "prioritized replay: priority exponent",
     "beta0": "prioritized replay: importance-weight exponent at the start, annealed linearly to 1",
     "priority_eps": "prioritized replay: added to every priority by the buffer",
+    "compress": "store frames compressed: lz4 (fastest sampling) or zstd (smallest); none: raw",
+    "frame_memory": "with --compress: bytes the frames may take (0: an eighth of their raw size)",
     "lr": "learning rate",
     "gamma": "discount factor",
     "optimizer": "adam | rmsprop (Nature DQN settings)",

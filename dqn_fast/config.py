@@ -29,6 +29,8 @@ class Config:
     alpha: float = 0.6  # priority exponent
     beta0: float = 0.4  # importance-weight exponent at the start, annealed linearly to 1 at total_steps
     priority_eps: float = 1e-6  # added to |TD error| by the buffer
+    compress: Optional[str] = None  # None | "lz4" | "zstd": the compressed frame store
+    frame_memory: int = 0  # compressed: bytes the frames may take (0: the buffer's default)
     # learner
     lr: float = 1e-3
     gamma: float = 0.99

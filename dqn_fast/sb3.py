@@ -74,6 +74,9 @@ class ReplayBuffer(SB3ReplayBuffer):
         stack_axis: 0 if frames are stacked on the first axis, -1 on the last.
         seed: sampling PRNG seed (None: drawn from ``np.random``).
         frame_reserve, sample_threads: as for ``dqn_fast.ReplayBuffer``.
+        compression, frame_memory: the compressed frame store ("lz4" or
+            "zstd", and the bytes its frames may take), as for
+            ``dqn_fast.ReplayBuffer``.
     """
 
     def __init__(
@@ -93,6 +96,8 @@ class ReplayBuffer(SB3ReplayBuffer):
         seed: Optional[int] = None,
         frame_reserve: float = replay.DEFAULT_FRAME_RESERVE,
         sample_threads: int = 0,
+        compression: Optional[str] = None,
+        frame_memory: Optional[int] = None,
     ):
         # Not SB3ReplayBuffer.__init__: it allocates the full obs/next_obs
         # arrays that this class exists to avoid.
@@ -133,6 +138,8 @@ class ReplayBuffer(SB3ReplayBuffer):
             stack_axis=0 if self.stack_axis == 0 or len(self.obs_shape) == 1 else -1,
             frame_reserve=frame_reserve,
             sample_threads=sample_threads,
+            compression=compression,
+            frame_memory=frame_memory,
         )
         if self.n_steps > 1:
             self._native_args.update(n_step=self.n_steps, gamma=self.gamma)

@@ -89,8 +89,12 @@ class ThreadTuner:
 
 
 def replay_options(cfg: Config) -> dict:
-    """The buffer's n-step and prioritized-replay arguments for `cfg`."""
-    return dict(n_step=cfg.n_step, gamma=cfg.gamma, prioritized=cfg.prioritized, alpha=cfg.alpha, priority_eps=cfg.priority_eps)
+    """The buffer's n-step, prioritized-replay and compression arguments for `cfg`."""
+    compress = None if cfg.compress in (None, "", "none") else cfg.compress
+    return dict(
+        n_step=cfg.n_step, gamma=cfg.gamma, prioritized=cfg.prioritized, alpha=cfg.alpha, priority_eps=cfg.priority_eps,
+        compression=compress, frame_memory=(cfg.frame_memory or None) if compress else None,
+    )
 
 
 def checkpoint_path(run_dir: str) -> str:

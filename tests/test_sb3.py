@@ -109,12 +109,15 @@ def test_same_stream_same_transitions_cartpole(sb3_kwargs, ours_kwargs, buffer_s
     assert got == set(want)
 
 
-def test_same_stream_same_transitions_atari_frame_stack():
+@pytest.mark.parametrize("compression", [None, "lz4"])
+def test_same_stream_same_transitions_atari_frame_stack(compression):
     # Real Pong frames through SB3's Atari wrappers, VecFrameStack and (DQN's)
-    # VecTransposeImage, with time limits so stacks restart mid-run.
+    # VecTransposeImage, with time limits so stacks restart mid-run; also with
+    # replay_buffer_kwargs=dict(compression="lz4"), the compressed frame store.
     env = VecFrameStack(make_atari_env("PongNoFrameskip-v4", n_envs=2, seed=0,
                                        env_kwargs=dict(max_episode_steps=150)), 4)
-    rb = collect(env, 300, 10_000, dict(optimize_memory_usage=True))
+    rb = collect(env, 300, 10_000, dict(optimize_memory_usage=True, compression=compression))
+    assert rb.ours.native.compression == compression
     assert (rb.ours.frame_stack, rb.ours.stack_axis, rb.observation_space.shape) == (4, 0, (4, 84, 84))
     assert (rb.timeouts * rb.dones).sum() > 0
     want = sb3_contents(rb)

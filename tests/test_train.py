@@ -87,6 +87,22 @@ def test_atari_pipeline_end_to_end_with_resume_and_eval(tmp_path):
     assert -21 <= result["mean_return"] <= 21 and float(result["mean_return"]).is_integer()  # raw game score
 
 
+def test_compressed_atari_buffer_trains_and_resumes_with_its_arena(tmp_path):
+    # `dqn-fast train --compress lz4`: real Pong frames coded into the arena,
+    # saved with the checkpoint and continued after resume.
+    cfg = Config.for_env("ALE/Pong-v5", total_steps=600, num_envs=2, buffer_size=2000, learning_starts=300,
+                         run_dir=str(tmp_path), progress=False, seed=4, compress="lz4", save_buffer=True,
+                         checkpoint_interval=600, log_interval=300)
+    trainer = Trainer(cfg)
+    trainer.run()
+    buf = trainer.buffer
+    assert buf.compression == "lz4" and len(buf) == 600
+    assert buf.frame_memory_used < buf.frames_written * 7056 / 8  # real frames code far below raw
+    resumed = Trainer(Config(**{**cfg.__dict__, "total_steps": 800, "resume": True}))
+    resumed.run()
+    assert resumed.buffer.compression == "lz4" and len(resumed.buffer) == 800  # the saved arena, continued
+
+
 def test_resume_with_the_saved_buffer_learns_on_without_refilling(tmp_path):
     first = Trainer(short_cartpole(tmp_path, total_steps=1500, save_buffer=True))
     first.run()
@@ -177,9 +193,11 @@ def test_replay_flags_parse_into_the_config():
     from dqn_fast.cli import build_parser, train_config
 
     args = build_parser().parse_args(
-        "train --n-step 3 --prioritized --alpha 0.5 --beta0 0.3 --priority-eps 1e-5 --dueling --no-double-dqn".split()
+        "train --n-step 3 --prioritized --alpha 0.5 --beta0 0.3 --priority-eps 1e-5 --dueling --no-double-dqn "
+        "--compress zstd --frame-memory 1000000".split()
     )
     cfg = train_config(args)
+    assert (cfg.compress, cfg.frame_memory) == ("zstd", 1_000_000)
     assert (cfg.n_step, cfg.prioritized, cfg.alpha, cfg.beta0, cfg.priority_eps, cfg.dueling) == (3, True, 0.5, 0.3, 1e-5, True)
     assert cfg.double_dqn is False and cfg.env == "CartPole-v1"
     recipe = Config.for_env("CartPole-v1")
