@@ -58,6 +58,7 @@ public:
           stream_raw_(checked_mul(uint64_t(num_envs), checked_mul(uint64_t(frame_stack), frame_bytes, "a stream"), "the streams")) {
         static const bool initialised = (blosc2_init(), true);
         (void)initialised;
+        cctx_ = codec_detail::compressor(codec);
     }
 
     // The smallest arena that holds one add of num_envs envs (2k frames each,
@@ -145,7 +146,7 @@ public:
         uint64_t size = 0;
         if (ref && depth < kMaxChain) size = encode_patch(ref, src, fb, stage_coded_.data() + at, fb / 4);
         if (size == 0) {
-            size = encode_key(src, fb, codec_, stage_coded_.data() + at);
+            size = encode_key(src, fb, cctx_.get(), stage_coded_.data() + at);
             ref_seq = seq;
             key = seq;
             depth = 0;
@@ -193,6 +194,7 @@ public:
         }
         next_seq_ += staged();
         head_ = v;
+        set_lap();
         tail_ = std::min(std::max(tail_, lim), next_seq_);
         for (size_t e = 0; e < pending_.size(); ++e)
             if (pending_[e].staged) depth_[e] = pending_[e].depth;
@@ -226,7 +228,8 @@ public:
             if ((base = recent.find(s))) break;
             if (ref_back_[s] == 0) break;
             chain[n++] = s;
-            s = uint32_t((uint64_t(s) + capacity_ - ref_back_[s]) % capacity_);
+            const uint32_t back = ref_back_[s];  // < capacity: no division on this path
+            s = s >= back ? s - back : uint32_t(uint64_t(s) + capacity_ - back);
         }
         if (base) {
             if (base != dst) std::memcpy(dst, base, fb);
@@ -239,6 +242,30 @@ public:
             apply_patch(p + 1, p + size_[c], dst);
         }
         recent.add(slot, dst);
+    }
+
+    // Prefetching for a gather (frames are at random places, so the hardware
+    // cannot guess them): first the table rows of a frame and of the chain
+    // before it (rows of one env's consecutive frames are adjacent), then,
+    // once those are in cache, the bytes from the chain's key to the frame.
+    void prefetch_rows(uint32_t slot) const {
+        const uint32_t back = slot >= kMaxChain ? slot - kMaxChain : slot;  // the chain's rows, roughly
+        for (uint32_t s : {slot, back}) {
+            __builtin_prefetch(ref_back_.data() + s);
+            __builtin_prefetch(offset_.data() + s);
+            __builtin_prefetch(size_.data() + s);
+        }
+    }
+    void prefetch_bytes(uint32_t slot) const {
+        uint32_t s = slot;
+        for (int i = 0; i < kMaxChain && ref_back_[s] != 0; ++i) {
+            const uint32_t back = ref_back_[s];
+            s = s >= back ? s - back : uint32_t(uint64_t(s) + capacity_ - back);
+        }
+        const uint8_t* lo = coded(s);
+        const uint8_t* hi = coded(slot) + size_[slot];
+        if (hi < lo || hi - lo > 16384) hi = lo + size_[s];  // not one run of bytes: the key only
+        for (const uint8_t* p = lo; p < hi; p += 64) __builtin_prefetch(p);
     }
 
     // ---- persistence
@@ -299,6 +326,7 @@ public:
         next_seq_ = next_seq;
         tail_ = tail;
         head_ = head;
+        set_lap();
         const int64_t live = oldest_live_seq();
         for (size_t e = 0; e < depth_.size(); ++e) {
             depth_[e] = -1;
@@ -327,12 +355,20 @@ private:
     uint64_t place(uint64_t v, uint64_t size) const {
         return (v % arena_bytes_) + size > arena_bytes_ ? (v / arena_bytes_ + 1) * arena_bytes_ : v;
     }
-    const uint8_t* coded(uint32_t slot) const { return arena_.data() + offset_[slot] % arena_bytes_; }
+    // A live frame's bytes. Live offsets lie in [head - A, head), so within
+    // one arena length of lap_ (the last multiple of A below head): one
+    // comparison instead of a 64-bit division per frame decoded.
+    const uint8_t* coded(uint32_t slot) const {
+        const uint64_t v = offset_[slot];
+        return arena_.data() + (v >= lap_ ? v - lap_ : v + arena_bytes_ - lap_);
+    }
+    void set_lap() { lap_ = head_ == 0 ? 0 : (head_ - 1) / arena_bytes_ * arena_bytes_; }
 
     uint64_t capacity_ = 1;
     uint64_t frame_bytes_ = 0;
     uint64_t arena_bytes_ = 1;
     Codec codec_ = Codec::kLz4;
+    codec_detail::Context cctx_;  // this buffer's own (see codec_detail::compressor)
     int k_ = 1;
     Column<uint8_t> arena_;
     Column<uint64_t> offset_;
@@ -342,6 +378,7 @@ private:
     int64_t next_seq_ = 0;
     int64_t tail_ = 0;
     uint64_t head_ = 0;  // virtual offset where the next frame goes
+    uint64_t lap_ = 0;   // see coded()
     // The stage of the add in progress.
     std::vector<uint8_t> stage_coded_, stage_raw_;
     std::vector<StageRow> stage_rows_;

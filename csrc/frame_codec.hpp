@@ -16,8 +16,9 @@
 //  * check_coded accepts exactly the payloads decode can apply without
 //    reading or writing outside the payload and the frame: a loaded file is
 //    checked with it once, so decoding at sample time cannot go out of bounds.
-//  * Blosc2 contexts are per thread (thread_local): sampler threads decode
-//    at the same time without a lock.
+//  * Blosc2 decompression contexts are per thread (thread_local): sampler
+//    threads decode at the same time without a lock. Compression contexts
+//    are per buffer (see compressor()).
 #pragma once
 
 #include <blosc2.h>
@@ -61,6 +62,25 @@ inline bool get_varint(const uint8_t*& p, const uint8_t* end, uint64_t& v) {
     return false;
 }
 
+// Copies n >= 1 bytes. Most patch runs are a few bytes, where a call to
+// memcpy costs more than the copy: fixed-size (overlapping) moves instead.
+inline void copy_run(uint8_t* d, const uint8_t* s, uint64_t n) {
+    if (n >= 16) {
+        for (uint64_t i = 0; i + 16 <= n; i += 16) std::memcpy(d + i, s + i, 16);
+        std::memcpy(d + n - 16, s + n - 16, 16);
+    } else if (n >= 8) {
+        std::memcpy(d, s, 8);
+        std::memcpy(d + n - 8, s + n - 8, 8);
+    } else if (n >= 4) {
+        std::memcpy(d, s, 4);
+        std::memcpy(d + n - 4, s + n - 4, 4);
+    } else {
+        d[0] = s[0];
+        d[n / 2] = s[n / 2];
+        d[n - 1] = s[n - 1];
+    }
+}
+
 inline int blosc_codec(Codec c) { return c == Codec::kZstd ? BLOSC_ZSTD : BLOSC_LZ4; }
 
 struct ContextDeleter {
@@ -68,23 +88,23 @@ struct ContextDeleter {
 };
 using Context = std::unique_ptr<blosc2_context, ContextDeleter>;
 
-// One compression context per thread and codec (only the adding thread uses them).
-inline blosc2_context* compressor(Codec c) {
-    thread_local Context ctx[3];
-    Context& slot = ctx[int(c)];
-    if (!slot) {
-        blosc2_cparams p = BLOSC2_CPARAMS_DEFAULTS;
-        p.compcode = uint8_t(blosc_codec(c));
-        p.clevel = c == Codec::kZstd ? 1 : 5;  // zstd 1: fast enough for keys; LZ4 5: Blosc2's default
-        p.typesize = 1;
-        p.nthreads = 1;
-        for (auto& f : p.filters) f = BLOSC_NOFILTER;  // uint8 frames: shuffle would do nothing
-        slot.reset(blosc2_create_cctx(p));
-        if (!slot) throw std::runtime_error("cannot create a Blosc2 compression context");
-    }
-    return slot.get();
+// A compression context. Each buffer owns one (adds run under its mutex):
+// a Blosc2 context keeps state from the sizes it compressed before, so a
+// context shared between buffers of different frame sizes would make a
+// buffer's coded sizes depend on what else ran in the process.
+inline Context compressor(Codec c) {
+    blosc2_cparams p = BLOSC2_CPARAMS_DEFAULTS;
+    p.compcode = uint8_t(blosc_codec(c));
+    p.clevel = c == Codec::kZstd ? 1 : 5;  // zstd 1: fast enough for keys; LZ4 5: Blosc2's default
+    p.typesize = 1;
+    p.nthreads = 1;
+    for (auto& f : p.filters) f = BLOSC_NOFILTER;  // uint8 frames: shuffle would do nothing
+    Context ctx(blosc2_create_cctx(p));
+    if (!ctx) throw std::runtime_error("cannot create a Blosc2 compression context");
+    return ctx;
 }
 
+// Decompression keeps no such state: one context per sampler thread.
 inline blosc2_context* decompressor() {
     thread_local Context ctx;
     if (!ctx) {
@@ -133,9 +153,9 @@ inline uint64_t encode_patch(const uint8_t* ref, const uint8_t* cur, uint64_t n,
 }
 
 // Writes `cur` as a key (Blosc2) or raw into out (tag included); returns the coded size.
-inline uint64_t encode_key(const uint8_t* cur, uint64_t n, Codec codec, uint8_t* out) {
+inline uint64_t encode_key(const uint8_t* cur, uint64_t n, blosc2_context* ctx, uint8_t* out) {
     if (n + BLOSC2_MAX_OVERHEAD < uint64_t(BLOSC2_MAX_BUFFERSIZE)) {
-        const int c = blosc2_compress_ctx(codec_detail::compressor(codec), cur, int32_t(n), out + 1, int32_t(n));
+        const int c = blosc2_compress_ctx(ctx, cur, int32_t(n), out + 1, int32_t(n));
         if (c > 0 && uint64_t(c) < n) {
             out[0] = kKey;
             return uint64_t(c) + 1;
@@ -153,7 +173,7 @@ inline void apply_patch(const uint8_t* p, const uint8_t* end, uint8_t* dst) {
         codec_detail::get_varint(p, end, skip);
         codec_detail::get_varint(p, end, len);
         pos += skip;
-        std::memcpy(dst + pos, p, len);
+        codec_detail::copy_run(dst + pos, p, len);
         p += len;
         pos += len;
     }

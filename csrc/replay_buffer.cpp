@@ -592,6 +592,9 @@ void ReplayBuffer::gather(int64_t begin, int64_t end, const SampleOut& out) cons
         const uint64_t slot = index_.slot_of(id), last = index_.slot_of(id + (m - 1) * ne);
         const uint32_t* f = index_.frames_of(slot);
         if (compressed()) {
+            // Rows two items ahead, bytes one item ahead (its rows arrived meanwhile).
+            if (i + 2 < end) arena_.prefetch_rows(index_.frames_of(index_.slot_of(out.ids[i + 2]))[0]);
+            if (i + 1 < end) arena_.prefetch_bytes(index_.frames_of(index_.slot_of(out.ids[i + 1]))[0]);
             decode_item(i, m, out);
         } else if (i + 1 < end) {
             prefetch_item(i + 1, out);

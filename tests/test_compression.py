@@ -138,3 +138,20 @@ def test_an_arena_the_machine_cannot_back_is_a_memory_error_at_construction():
 def test_uncompressed_buffers_report_no_arena():
     buf = ReplayBuffer(10, (4, 8, 8), frame_stack=4)
     assert (buf.compression, buf.frame_memory, buf.frame_memory_used) == (None, 0, 0)
+
+
+def test_coded_sizes_do_not_depend_on_other_buffers_in_the_process():
+    # A Blosc2 compression context keeps state from the sizes it compressed
+    # before; each buffer owns its own, so the same adds code the same way
+    # (and evict the same transitions) whatever else ran first.
+    def filled(shape, seed):
+        cfg = StreamConfig(num_envs=2, frame_stack=4, frame_shape=shape, palette=2, drift=0.05)
+        buf = ReplayBuffer(200, (4, *shape), frame_stack=4, num_envs=2, compression="lz4")
+        streams = EpisodeStreams(cfg, seed)
+        for _ in range(100):
+            buf.add(*streams.step())
+        return buf.frame_memory_used
+
+    first = filled((16, 16), 1)
+    filled((9, 9), 2)  # other frame sizes in between
+    assert filled((16, 16), 1) == first
