@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "codec_probe.hpp"
 #include "replay_buffer.hpp"
 
 namespace py = pybind11;
@@ -629,6 +630,24 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("data"), py::arg("value") = 0,
         "CRC-32C of a contiguous buffer, continuing from `value`: crc32c(b, crc32c(a)) == crc32c(a + b).");
+
+    m.def(
+        "_probe_codec",
+        [](const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& frames, const std::string& method,
+           int repeats) {
+            if (frames.ndim() < 2) throw py::value_error("frames must be (count, *frame_shape) uint8");
+            const uint64_t count = uint64_t(frames.shape(0)), n = uint64_t(frames.size()) / std::max<uint64_t>(1, count);
+            if (repeats < 1) throw py::value_error("repeats must be at least 1");
+            dqn_fast::ProbeResult r;
+            {
+                py::gil_scoped_release release;
+                r = dqn_fast::probe_codec(frames.data(), count, n, method, repeats);
+            }
+            return py::make_tuple(r.coded_bytes, r.decode_seconds);
+        },
+        py::arg("frames"), py::arg("method"), py::arg("repeats") = 3,
+        "Benchmark only (csrc/codec_probe.hpp): (bytes, decode seconds) of frames 1.. coded against their "
+        "predecessor with `method` (patch, xor-lz4, xor-zstd) or alone (lz4, zstd).");
 
     // The priority trees on their own, for tests (drift, min, draws); the buffer uses them natively.
     py::class_<dqn_fast::SumTree>(m, "SumTree")

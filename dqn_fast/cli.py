@@ -134,11 +134,15 @@ def _run(args) -> int:
             print(json.dumps(result))
     elif args.command == "bench":
         from .bench import run
+        from .bench.compression import NAMES as COMPRESSION_ROWS
         from .bench.peers import COMPARED
+        from .bench.peers_compression import BY_NAME as COMPRESSION_PEERS
         from .bench.peers_features import BY_NAME as FEATURE_PEERS
 
         only = None if args.peers is None else [p.strip() for p in args.peers.split(",") if p.strip()]
-        names = [c.name for c in COMPARED] + [n for n in FEATURE_PEERS if n not in {c.name for c in COMPARED}]
+        names = [c.name for c in COMPARED]
+        for extra in (FEATURE_PEERS, COMPRESSION_PEERS, COMPRESSION_ROWS):
+            names += [n for n in extra if n not in names]
         unknown = [p for p in only or [] if p not in names]
         if unknown:
             raise ValueError(f"--peers: unknown {unknown}; expected names from {names}")

@@ -155,3 +155,17 @@ def test_coded_sizes_do_not_depend_on_other_buffers_in_the_process():
     first = filled((16, 16), 1)
     filled((9, 9), 2)  # other frame sizes in between
     assert filled((16, 16), 1) == first
+
+
+def test_the_codec_probe_decodes_every_method_exactly():
+    # The benchmark's codec comparison (csrc/codec_probe.hpp) checks each
+    # decoded frame against the original itself; here: it runs, and refuses
+    # what it does not know.
+    from dqn_fast import _core
+
+    frames = np.stack([f for f, _, _ in breakout(60)])
+    for method in ("patch", "xor-lz4", "xor-zstd", "lz4", "zstd"):
+        size, seconds = _core._probe_codec(frames, method, 1)
+        assert 0 < size < (len(frames) - 1) * RAW and seconds > 0, method
+    with pytest.raises(ValueError, match="method must be patch, xor-lz4, xor-zstd, lz4 or zstd"):
+        _core._probe_codec(frames, "gzip", 1)
