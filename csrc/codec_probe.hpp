@@ -64,7 +64,8 @@ inline ProbeResult probe_codec(const uint8_t* frames, uint64_t count, uint64_t n
     // Decode them all, each from the original previous frame, as a sampler
     // decodes one step of a chain; the best of `repeats` passes.
     std::vector<uint8_t> dst(n);
-    blosc2_context* d = codec_detail::decompressor();
+    const codec_detail::Context dctx = codec_detail::decompressor();
+    blosc2_context* d = dctx.get();
     for (int rep = 0; rep < repeats; ++rep) {
         const auto start = std::chrono::steady_clock::now();
         for (uint64_t i = 1; i < count; ++i) {

@@ -201,12 +201,16 @@ public:
     }
 
     // ---- decoding (const, any thread)
-    // The frame at table row `slot` into dst; `recent` lists frames already
-    // decoded (slot, where), which serve as the start of a chain.
-    struct Recent {
+    // One thread's decoding state: its Blosc2 context, and the frames it has
+    // decoded for the current item (slot, where), which serve as the start
+    // of the next chains; clear() between items.
+    struct Decoding {
+        codec_detail::Context ctx = codec_detail::decompressor();
+        std::vector<uint8_t> scratch;  // channel-last stacks: one frame per position of an item
         uint32_t slot[256];
         const uint8_t* at[256];
         int n = 0;
+        void clear() { n = 0; }
         const uint8_t* find(uint32_t s) const {
             for (int i = n - 1; i >= 0; --i)
                 if (slot[i] == s) return at[i];
@@ -218,7 +222,8 @@ public:
             at[n++] = p;
         }
     };
-    void decode(uint32_t slot, uint8_t* dst, Recent& recent) const {
+    // The frame at table row `slot` into dst.
+    void decode(uint32_t slot, uint8_t* dst, Decoding& recent) const {
         const uint64_t fb = frame_bytes_;
         uint32_t chain[kMaxChain];
         int n = 0;
@@ -234,7 +239,7 @@ public:
         if (base) {
             if (base != dst) std::memcpy(dst, base, fb);
         } else {
-            decode_key(coded(s), size_[s], dst, fb);
+            decode_key(coded(s), size_[s], dst, fb, recent.ctx.get());
         }
         while (n > 0) {
             const uint32_t c = chain[--n];
@@ -287,6 +292,7 @@ public:
         if (!(tail >= 0 && tail <= next_seq)) fail("the arena's frames [tail, next_seq) are out of order");
         if (head >= (uint64_t(1) << 62)) fail("the arena's head offset is out of range");
         std::vector<uint8_t> scratch(frame_bytes_);
+        const codec_detail::Context dctx = codec_detail::decompressor();
         std::vector<int8_t> depth(size_t(std::max<int64_t>(0, next_seq - live)));
         uint64_t prev_end = 0;
         for (int64_t seq = std::max<int64_t>(live, 0); seq < next_seq; ++seq) {
@@ -299,7 +305,7 @@ public:
                 fail(name + " overlaps another frame or lies outside the arena's live bytes");
             prev_end = off + size;
             const uint8_t* c = arena_.data() + off % arena_bytes_;
-            const std::string why = check_coded(c, size, frame_bytes_, scratch.data());
+            const std::string why = check_coded(c, size, frame_bytes_, scratch.data(), dctx.get());
             if (!why.empty()) fail(name + " " + why);
             const uint32_t rb = ref_back_[slot], kb = key_back_[slot];
             int d = 0;

@@ -16,9 +16,9 @@
 //  * check_coded accepts exactly the payloads decode can apply without
 //    reading or writing outside the payload and the frame: a loaded file is
 //    checked with it once, so decoding at sample time cannot go out of bounds.
-//  * Blosc2 decompression contexts are per thread (thread_local): sampler
-//    threads decode at the same time without a lock. Compression contexts
-//    are per buffer (see compressor()).
+//  * Every decoding thread uses its own Blosc2 decompression context (one
+//    per gather call): sampler threads decode at once without a lock.
+//    Compression contexts are per buffer (see compressor()).
 #pragma once
 
 #include <blosc2.h>
@@ -108,16 +108,16 @@ inline Context compressor(Codec c) {
     return ctx;
 }
 
-// Decompression keeps no such state: one context per sampler thread.
-inline blosc2_context* decompressor() {
-    thread_local Context ctx;
-    if (!ctx) {
-        blosc2_dparams p = BLOSC2_DPARAMS_DEFAULTS;
-        p.nthreads = 1;
-        ctx.reset(blosc2_create_dctx(p));
-        if (!ctx) throw std::runtime_error("cannot create a Blosc2 decompression context");
-    }
-    return ctx.get();
+// A decompression context (no state carried between calls). Made per
+// gather call, not thread_local: TLS destructors of Python threads race
+// with glibc's TLS reuse as ThreadSanitizer sees it, and a context costs
+// one small allocation.
+inline Context decompressor() {
+    blosc2_dparams p = BLOSC2_DPARAMS_DEFAULTS;
+    p.nthreads = 1;
+    Context ctx(blosc2_create_dctx(p));
+    if (!ctx) throw std::runtime_error("cannot create a Blosc2 decompression context");
+    return ctx;
 }
 
 }  // namespace codec_detail
@@ -185,19 +185,19 @@ inline void apply_patch(const uint8_t* p, const uint8_t* end, uint8_t* dst) {
 
 // Decodes a key or raw frame into dst (n bytes). Throws on a corrupt chunk
 // (never expected: loaded payloads were checked).
-inline void decode_key(const uint8_t* coded, uint64_t size, uint8_t* dst, uint64_t n) {
+inline void decode_key(const uint8_t* coded, uint64_t size, uint8_t* dst, uint64_t n, blosc2_context* ctx) {
     if (coded[0] == kRaw) {
         std::memcpy(dst, coded + 1, n);
         return;
     }
-    const int d = blosc2_decompress_ctx(codec_detail::decompressor(), coded + 1, int32_t(size - 1), dst, int32_t(n));
+    const int d = blosc2_decompress_ctx(ctx, coded + 1, int32_t(size - 1), dst, int32_t(n));
     if (d != int(n)) throw std::runtime_error("a compressed frame failed to decode (Blosc2 error " + std::to_string(d) + ")");
 }
 
 // Whether `coded` (size bytes) is a frame of n bytes that decodes without
 // leaving its bounds; `scratch` (n bytes) receives a decoded key. The empty
 // string means valid; otherwise the reason.
-inline std::string check_coded(const uint8_t* coded, uint64_t size, uint64_t n, uint8_t* scratch) {
+inline std::string check_coded(const uint8_t* coded, uint64_t size, uint64_t n, uint8_t* scratch, blosc2_context* ctx) {
     if (size < 1) return "is empty";
     const uint8_t* p = coded + 1;
     const uint8_t* end = coded + size;
@@ -210,7 +210,7 @@ inline std::string check_coded(const uint8_t* coded, uint64_t size, uint64_t n, 
                 blosc2_cbuffer_sizes(p, &nbytes, &cbytes, &blocksize) < 0 || uint64_t(nbytes) != n ||
                 uint64_t(cbytes) != size - 1)
                 return "is not a Blosc2 chunk of one frame";
-            const int d = blosc2_decompress_ctx(codec_detail::decompressor(), p, int32_t(size - 1), scratch, int32_t(n));
+            const int d = blosc2_decompress_ctx(ctx, p, int32_t(size - 1), scratch, int32_t(n));
             return d == int(n) ? "" : "does not decode (Blosc2 error " + std::to_string(d) + ")";
         }
         case kPatch: {

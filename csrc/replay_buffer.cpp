@@ -544,15 +544,15 @@ void ReplayBuffer::prefetch_item(int64_t i, const SampleOut& out) const {
 // (frame-first stacks) or through a per-thread scratch frame per position
 // (channel-last). Frames already decoded for this item start the chains of
 // the rest: a stack's next frame costs one copy and one patch.
-void ReplayBuffer::decode_item(int64_t i, int m, const SampleOut& out) const {
+void ReplayBuffer::decode_item(int64_t i, int m, const SampleOut& out, FrameArena::Decoding& recent) const {
     const FrameLayout& layout = config_.layout;
     const uint64_t fb = layout.frame_bytes;
     const int k = k_, row = k + config_.n_step;
     const int64_t id = out.ids[i], ne = config_.num_envs;
-    thread_local std::vector<uint8_t> scratch;
+    std::vector<uint8_t>& scratch = recent.scratch;
     if (layout.stack_last && scratch.size() < uint64_t(2 * k + config_.n_step) * fb)
         scratch.resize(uint64_t(2 * k + config_.n_step) * fb);
-    FrameArena::Recent recent;
+    recent.clear();
     int pos = 0;
     const auto put = [&](uint8_t* obs, int j, int count, uint32_t slot) {
         if (uint8_t* dst = const_cast<uint8_t*>(layout.contiguous(obs, j, count))) {
@@ -586,6 +586,8 @@ void ReplayBuffer::gather(int64_t begin, int64_t end, const SampleOut& out) cons
     const int k = k_, n = config_.n_step, row = k + n;
     const int64_t ne = config_.num_envs;
     const double gamma = config_.gamma;
+    std::unique_ptr<FrameArena::Decoding> decoding;  // compressed: this call's decoding state
+    if (compressed()) decoding = std::make_unique<FrameArena::Decoding>();
     for (int64_t i = begin; i < end; ++i) {
         const int64_t id = out.ids[i];
         const int m = n > 1 ? windows_[i] : 1;
@@ -595,7 +597,7 @@ void ReplayBuffer::gather(int64_t begin, int64_t end, const SampleOut& out) cons
             // Rows two items ahead, bytes one item ahead (its rows arrived meanwhile).
             if (i + 2 < end) arena_.prefetch_rows(index_.frames_of(index_.slot_of(out.ids[i + 2]))[0]);
             if (i + 1 < end) arena_.prefetch_bytes(index_.frames_of(index_.slot_of(out.ids[i + 1]))[0]);
-            decode_item(i, m, out);
+            decode_item(i, m, out, *decoding);
         } else if (i + 1 < end) {
             prefetch_item(i + 1, out);
         }
@@ -709,7 +711,7 @@ std::vector<RawArray> ReplayBuffer::index_arrays(uint64_t rows) {
 // A stored frame's bytes: in place, or (compressed) decoded into scratch.
 const uint8_t* ReplayBuffer::stored_frame(uint32_t slot, uint8_t* scratch) const {
     if (!compressed()) return store_.slot(slot);
-    FrameArena::Recent recent;
+    FrameArena::Decoding recent;
     arena_.decode(slot, scratch, recent);
     return scratch;
 }
@@ -818,7 +820,7 @@ void ReplayBuffer::restore(const BufferState& s) {
             bool ok = true;
             for (int j = 0; j < k_; ++j) ok = ok && arena_.decodable(seqs[size_t(j)], live);
             if (!ok) continue;
-            FrameArena::Recent recent;
+            FrameArena::Decoding recent;
             for (int j = 0; j < k_; ++j)
                 arena_.decode(arena_.slot_of(seqs[size_t(j)]), arena_.stream_raw(e) + uint64_t(j) * config_.layout.frame_bytes, recent);
             refs[size_t(e)] = seqs[size_t(k_ - 1)];

@@ -191,7 +191,7 @@ private:
     void evict_before(int64_t limit, int64_t old_tail, int64_t head);
     void add_compressed(const AddArgs& a);
     int64_t oldest_of(const int64_t* seqs) const;
-    void decode_item(int64_t i, int m, const SampleOut& out) const;
+    void decode_item(int64_t i, int m, const SampleOut& out, FrameArena::Decoding& recent) const;
     std::vector<RawArray> index_arrays(uint64_t rows);
     const uint8_t* stored_frame(uint32_t slot, uint8_t* scratch) const;
     bool prepare(int64_t batch_size, const SampleOut& out);
