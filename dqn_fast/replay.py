@@ -19,6 +19,11 @@ What the buffer promises (checked against ``tests/reference.py``):
 * ``n_step > 1``: a sampled transition's reward is the discounted sum over
   its n-step window (see the README's "n-step returns"), computed natively
   at sample time from the one-step transitions: n changes nothing stored.
+* ``compression="lz4" | "zstd"``: frames are coded on add (keys through
+  C-Blosc2, the others as byte patches against their env's previous frame)
+  into a byte arena of ``frame_memory`` bytes, and decoded natively at sample
+  time, bit-exactly; when the arena is full the oldest transitions go first
+  and ``len`` says so (README: "Compressed frame store").
 * ``add`` and ``sample_into`` release the GIL; they may run on different
   threads at once.
 * Bad input raises ``TypeError`` / ``ValueError`` (``MemoryError`` for sizes
